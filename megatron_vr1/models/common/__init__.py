@@ -1,0 +1,1 @@
+"""Building blocks shared by the project's Megatron-Core models."""

@@ -1,0 +1,82 @@
+"""Layer specs of Qwen2.5-VL: one builder, two backends (local torch vs Transformer Engine).
+
+The backend is a spec choice, never a branch in model code: the LM decoder layers and the ViT
+blocks are the same ``TransformerLayer`` built from different submodules.
+"""
+
+from __future__ import annotations
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from ..common.attention import TorchSDPAttention
+from ..common.norm import RMSNorm
+from ... import platform
+
+BACKENDS = ("local", "te")
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` picks Transformer Engine where the platform has it."""
+    if backend == "auto":
+        return "te" if platform.has_transformer_engine() else "local"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown layer backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
+    if backend == "te" and not platform.has_transformer_engine():
+        raise RuntimeError("backend 'te' needs CUDA and transformer_engine")
+    return backend
+
+
+def layer_spec(backend: str, *, causal: bool) -> ModuleSpec:
+    """A pre-norm transformer layer: RMSNorm, attention (+rotary), RMSNorm, SwiGLU MLP."""
+    mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    if resolve_backend(backend) == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        attention = SelfAttentionSubmodules(
+            linear_qkv=TELayerNormColumnParallelLinear,
+            core_attention=TEDotProductAttention,
+            linear_proj=TERowParallelLinear,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        )
+        mlp = MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)
+        input_norm = pre_mlp_norm = IdentityOp
+        keys_map = {}
+    else:
+        attention = SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=TorchSDPAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        )
+        mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        input_norm = pre_mlp_norm = RMSNorm
+        # Checkpoints use TE's names, so one dist-checkpoint loads under either backend.
+        keys_map = {
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        }
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask}, submodules=attention),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=ModuleSpec(module=MLP, submodules=mlp),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )

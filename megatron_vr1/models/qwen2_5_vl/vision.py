@@ -1,0 +1,97 @@
+"""The Qwen2.5-VL vision tower as Megatron-Core modules (tensor parallel).
+
+Patch embedding (a Conv3d whose stride equals its kernel, so a matmul over flattened patches),
+32 pre-norm blocks with 2-D rotary attention inside 112-px windows except the full-attention
+blocks, and the patch merger (RMSNorm, 2x2 merge, Linear-GELU-Linear into the LM width).
+Tokens are reordered into windows once, attention runs over packed blocks (THD), and the merged
+tokens are put back into raster order at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..common.norm import RMSNorm
+from .args import VisionArgs
+from .positions import vision_layout
+
+
+class PatchEmbed(torch.nn.Module):
+    def __init__(self, vision: VisionArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (vision.hidden_size, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size)
+        self.proj = torch.nn.Module()
+        self.proj.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+        torch.nn.init.normal_(self.proj.weight, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))
+
+
+class PatchMerger(torch.nn.Module):
+    def __init__(self, config: TransformerConfig, vision: VisionArgs) -> None:
+        super().__init__()
+        width = vision.hidden_size * vision.merge_unit
+        self.width = width
+        self.ln_q = RMSNorm(config, vision.hidden_size, eps=vision.norm_eps)
+        self.fc1 = ColumnParallelLinear(width, width, config=config, init_method=config.init_method,
+                                        bias=True, gather_output=False)
+        self.fc2 = RowParallelLinear(width, vision.out_hidden_size, config=config,
+                                     init_method=config.output_layer_init_method, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc1(self.ln_q(x).reshape(-1, self.width))
+        h, _ = self.fc2(F.gelu(h))
+        return h
+
+
+class Qwen25VisionModel(MegatronModule):
+    def __init__(self, config: TransformerConfig, vision: VisionArgs, layer_spec: ModuleSpec) -> None:
+        super().__init__(config=config)
+        self.args = vision
+        self.patch_embed = PatchEmbed(vision, config.params_dtype)
+        self.layers = torch.nn.ModuleList(
+            build_module(layer_spec, config=config, layer_number=i + 1) for i in range(vision.depth)
+        )
+        self.merger = PatchMerger(config, vision)
+        self._full = set(vision.fullatt_block_indexes)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """``[patches, C*T*P*P]`` pixels -> ``[patches / 4, lm_hidden]`` image embeddings (raster order)."""
+        args = self.args
+        n = pixel_values.shape[0]
+        expected = int(grid_thw.prod(-1).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != args.patch_dim or n != expected:
+            raise ValueError(
+                f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw "
+                f"{grid_thw.tolist()} (expected [{expected}, {args.patch_dim}])"
+            )
+        layout = vision_layout(grid_thw.cpu(), args)
+        device = pixel_values.device
+        index = layout.window_index.to(device)
+        unit = args.merge_unit
+
+        x = self.patch_embed(pixel_values)
+        x = x.view(n // unit, unit, -1)[index].reshape(n, 1, -1)  # [s, b=1, h] in window order
+        rotary = layout.rotary_angles.to(device).view(n, 1, 1, -1)
+        full = _packed(layout.cu_seqlens.to(device))
+        windowed = _packed(layout.cu_window_seqlens.to(device))
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, attention_mask=None, rotary_pos_emb=rotary,
+                         packed_seq_params=full if i in self._full else windowed)
+        merged = self.merger(x.reshape(n, -1))
+        return merged[torch.argsort(index)]
+
+
+def _packed(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)

@@ -1,0 +1,172 @@
+"""The one place that knows whether we run on CUDA or on CPU.
+
+On a CUDA machine nothing here changes megatron-core. On a machine without CUDA,
+:func:`use_cpu_backend` makes megatron-core's CUDA-only calls run on the CPU with gloo:
+
+* ``torch.cuda.current_device()`` / ``synchronize()`` become harmless;
+* the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones;
+* tensors created with ``device="cuda"`` (or an int device) and ``.cuda()`` calls
+  land on the CPU, through a :class:`torch.overrides.TorchFunctionMode`, so that
+  megatron-core's own source stays untouched.
+
+No other module of the project may special-case the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_lock = threading.Lock()
+_cpu_mode: TorchFunctionMode | None = None
+
+
+def has_cuda() -> bool:
+    """True when this process should use CUDA devices."""
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+
+
+def dist_backend() -> str:
+    return "nccl" if has_cuda() else "gloo"
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, bool):
+        return False
+    if isinstance(dev, int):
+        return True
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return False
+
+
+_FACTORY_SKIP = frozenset()
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps any CUDA device argument of a torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False):
+    torch.set_rng_state(new_state)
+
+
+def use_cpu_backend() -> None:
+    """Make megatron-core run on the CPU. Idempotent; a no-op on CUDA machines."""
+    global _cpu_mode
+    if has_cuda():
+        return
+    with _lock:
+        if _cpu_mode is not None:
+            return
+        from megatron.core.tensor_parallel import random as mc_random
+
+        torch.cuda.current_device = lambda: 0
+        torch.cuda.synchronize = lambda device=None: None
+        torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+        torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+        torch.cuda.manual_seed = lambda seed: None
+        torch.cuda.manual_seed_all = lambda seed: None
+        mc_random._get_cuda_rng_state = _cpu_get_rng_state
+        mc_random._set_cuda_rng_state = _cpu_set_rng_state
+        _cpu_mode = _CudaToCpuMode()
+        _cpu_mode.__enter__()
+
+
+def init_distributed(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    *,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+    **model_parallel_kwargs: Any,
+) -> None:
+    """Start torch.distributed from torchrun's environment and megatron-core's parallel state.
+
+    Works without torchrun too (a single process, world size 1).
+    """
+    from megatron.core import parallel_state, tensor_parallel as mc_tp
+
+    use_cpu_backend()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if has_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend=dist_backend(),
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    world = torch.distributed.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x "
+            f"pipeline_parallel ({pipeline_parallel})"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        **model_parallel_kwargs,
+    )
+    mc_tp.model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shutdown_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def has_transformer_engine() -> bool:
+    """Transformer Engine is a GPU extra: only probed where CUDA is present."""
+    if not has_cuda():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
