@@ -52,9 +52,6 @@ def _is_cuda_device(dev: Any) -> bool:
     return False
 
 
-_FACTORY_SKIP = frozenset()
-
-
 class _CudaToCpuMode(TorchFunctionMode):
     """Maps any CUDA device argument of a torch call to the CPU."""
 
@@ -92,7 +89,9 @@ def use_cpu_backend() -> None:
         torch.cuda.synchronize = lambda device=None: None
         torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
         torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-        torch.cuda.manual_seed = lambda seed: None
+        # The "CUDA" generator is the CPU one: seeding it seeds the CPU, and the tracker's
+        # saved states are CPU generator states.
+        torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
         torch.cuda.manual_seed_all = lambda seed: None
         mc_random._get_cuda_rng_state = _cpu_get_rng_state
         mc_random._set_cuda_rng_state = _cpu_set_rng_state

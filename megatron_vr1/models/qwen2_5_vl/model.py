@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
@@ -15,20 +15,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from .args import Qwen25VLArgs
+from .parallel import ParallelLayout
 from .positions import ImageTokenError, get_rope_index, image_token_counts
 from .specs import layer_spec, resolve_backend
 from .vision import Qwen25VisionModel
-
-
-@dataclass
-class ParallelLayout:
-    """How one model is laid out over ranks (mirrors ``conf/model/*.yaml: parallel``)."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    num_layers_in_first_pipeline_stage: Optional[int] = None
-    sequence_parallel: bool = False
-    make_vocab_size_divisible_by: int = 128
 
 
 def _common(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype) -> dict:
@@ -130,6 +120,7 @@ class Qwen25VLModel(MegatronModule):
         self.backend = resolve_backend(backend)
         config = language_config(args, layout, dtype, **(config_overrides or {}))
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder
         self.args = args
         self.layout = layout
         self.pre_process, self.post_process = pre_process, post_process
@@ -152,11 +143,7 @@ class Qwen25VLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,
         )
         self.share_embeddings_and_output_weights = args.tie_word_embeddings
-
-    @property
-    def layer_offset(self) -> int:
-        """Global index of this stage's first LM layer."""
-        return get_transformer_layer_offset(self.config)
+        self.layer_offset = get_transformer_layer_offset(config)  # global index of this stage's first LM layer
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)

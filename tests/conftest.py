@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(scope="session")
+def model_parallel_1():
+    """megatron-core parallel state for a single CPU process (world size 1, gloo)."""
+    from megatron_vr1 import platform
+
+    platform.init_distributed(1, 1)
+    yield
+    platform.shutdown_distributed()
+
+
+def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> None:
+    """Launch ``tests/<script>`` on ``nproc`` CPU processes; fail with their output if they fail."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(TESTS / script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

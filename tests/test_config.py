@@ -1,0 +1,111 @@
+import copy
+
+import pytest
+
+from megatron_vr1.config import load_model_conf, model_from_conf
+from megatron_vr1.models.qwen2_5_vl import ConfigError, Qwen25VLArgs
+from tiny import tiny_hf_config
+
+SIZES = ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b"]
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_model_confs_parse_and_fit_their_layout(name):
+    args, layout = model_from_conf(load_model_conf(name))
+    assert args.vision.depth in (4, 32)
+    assert layout.world_size >= 1
+
+
+def test_published_shapes():
+    a72, lay72 = model_from_conf(load_model_conf("qwen2_5_vl_72b"))
+    assert (a72.hidden_size, a72.num_layers, a72.num_heads, a72.num_kv_heads) == (8192, 80, 64, 8)
+    assert a72.vision.intermediate_size == 3456 and (lay72.tensor_parallel, lay72.pipeline_parallel) == (8, 4)
+    a7, _ = model_from_conf(load_model_conf("qwen2_5_vl_7b"))
+    assert (a7.hidden_size, a7.intermediate_size, a7.head_dim, a7.vocab_size) == (3584, 18944, 128, 152064)
+    assert a7.mrope_section == (16, 24, 24) and a7.vision.intermediate_size == 3420
+    a3, _ = model_from_conf(load_model_conf("qwen2_5_vl_3b"))
+    assert a3.tie_word_embeddings and a3.vocab_size == 151936
+
+
+def test_flat_and_nested_layouts_agree():
+    """The published flat layout and what transformers 5 writes give the same arguments."""
+    from transformers import Qwen2_5_VLConfig
+
+    flat = tiny_hf_config(tied=True)
+    nested = Qwen2_5_VLConfig(**copy.deepcopy(flat)).to_dict()
+    assert "text_config" in nested
+    assert Qwen25VLArgs.from_hf_config(flat) == Qwen25VLArgs.from_hf_config(nested)
+    # and our own export reads back identically
+    args = Qwen25VLArgs.from_hf_config(flat)
+    assert Qwen25VLArgs.from_hf_config(args.to_hf_config()) == args
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
+        (lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
+        (lambda c: c.update(hidden_act="gelu"), "hidden_act='gelu'"),
+        (lambda c: c["vision_config"].update(hidden_act="quick_gelu"), "vision_config.hidden_act"),
+        (lambda c: c.update(rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}), "mrope_section"),
+        (lambda c: c.update(num_experts=8), "num_experts"),
+        (lambda c: c["vision_config"].update(use_deepstack=True), "use_deepstack"),
+        (lambda c: c.update(attention_bias=False), "attention_bias"),
+        (lambda c: c.update(layer_types=["sliding_attention"] * 3), "layer_types"),
+        (lambda c: c.update(model_type="qwen2_vl"), "model_type"),
+        (lambda c: c.pop("hidden_size"), "hidden_size"),
+    ],
+)
+def test_architecture_changing_config_is_rejected(edit, message):
+    cfg = tiny_hf_config()
+    edit(cfg)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        Qwen25VLArgs.from_hf_config(cfg)
+
+
+def test_unknown_inert_key_can_be_allowed():
+    cfg = tiny_hf_config()
+    cfg["my_note"] = "hello"
+    with pytest.raises(ConfigError, match="my_note"):
+        Qwen25VLArgs.from_hf_config(cfg)
+    assert Qwen25VLArgs.from_hf_config(cfg, strict=False).hidden_size == 64
+
+
+@pytest.mark.parametrize(
+    "tp, message",
+    [(3, "num_attention_heads=4"), (4, "num_key_value_heads=2")],
+)
+def test_tensor_parallel_must_divide_heads_and_groups(tp, message):
+    args = Qwen25VLArgs.from_hf_config(tiny_hf_config())
+    with pytest.raises(ConfigError, match=message):
+        args.check_parallel(tp)
+
+
+def test_tensor_parallel_must_divide_vision_mlp():
+    cfg = tiny_hf_config()
+    cfg["vision_config"]["intermediate_size"] = 49
+    args = Qwen25VLArgs.from_hf_config(cfg)
+    with pytest.raises(ConfigError, match="vision intermediate_size=49"):
+        args.check_parallel(2)
+
+
+def test_uneven_pipeline_needs_a_valid_first_stage():
+    args, _ = model_from_conf(load_model_conf("qwen2_5_vl_72b"))
+    args.check_parallel(8, 4, 17)
+    with pytest.raises(ConfigError, match="do not split evenly"):
+        args.check_parallel(8, 4, 15)
+    with pytest.raises(ConfigError, match="does not divide num_hidden_layers=80"):
+        args.check_parallel(1, 3)
+
+
+def test_bad_parallel_option_is_named():
+    cfg = load_model_conf("tiny")
+    cfg.parallel.tensor_paralel = 2
+    with pytest.raises(ValueError, match="tensor_paralel"):
+        model_from_conf(cfg)
+
+
+def test_vocab_padding():
+    args, _ = model_from_conf(load_model_conf("qwen2_5_vl_72b"))
+    assert args.padded_vocab_size(8) == 152576  # 152064 = 148.5 x 1024
+    assert args.padded_vocab_size(1) == 152064
