@@ -3,11 +3,12 @@
 On a CUDA machine nothing here changes megatron-core. On a machine without CUDA,
 :func:`use_cpu_backend` makes megatron-core's CUDA-only calls run on the CPU with gloo:
 
-* ``torch.cuda.current_device()`` / ``synchronize()`` become harmless;
+* ``torch.cuda.current_device()`` answers ``"cpu"`` and ``synchronize()`` does nothing;
 * the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones;
 * tensors created with ``device="cuda"`` (or an int device) and ``.cuda()`` calls
   land on the CPU, through a :class:`torch.overrides.TorchFunctionMode`, so that
-  megatron-core's own source stays untouched.
+  megatron-core's own source stays untouched. (Modes are off inside autograd backward
+  functions; megatron-core's backward code only uses ``current_device()``, covered above.)
 
 No other module of the project may special-case the CPU.
 """
@@ -62,6 +63,7 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs = dict(kwargs, device="cpu")
         if func is torch.Tensor.cuda:
             return args[0]
+
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
@@ -85,7 +87,9 @@ def use_cpu_backend() -> None:
             return
         from megatron.core.tensor_parallel import random as mc_random
 
-        torch.cuda.current_device = lambda: 0
+        # "cpu", not an ordinal: megatron-core passes it as ``device=`` also inside autograd
+        # backward functions, where torch function modes are switched off.
+        torch.cuda.current_device = lambda: "cpu"
         torch.cuda.synchronize = lambda device=None: None
         torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
         torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)

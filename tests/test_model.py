@@ -123,3 +123,12 @@ def test_bf16_close_to_fp32(untied, model_parallel_1):
     with torch.no_grad():
         lo, hi = bf(**batch).float(), model(**batch)
     assert (lo - hi).abs().max().item() < 0.05 * hi.abs().max().item()
+
+
+def test_sequence_parallel_needs_divisible_length(model_parallel_1):
+    args = Qwen25VLArgs.from_hf_config(tiny_hf_config())
+    model = build_model(args, ParallelLayout(make_vocab_size_divisible_by=16), backend="local")
+    model.config.sequence_parallel = True  # as a TP>1 layout would set it
+    model.layout = ParallelLayout(tensor_parallel=2, sequence_parallel=True)
+    with pytest.raises(ValueError, match="multiple of tensor_parallel"):
+        model(**make_case("no_image", multiple_of=1))

@@ -21,10 +21,11 @@ def _results(tmp_path, nproc, *args):
     "nproc, args",
     [
         (2, ["--tp", "2", "--grad"]),
+        (2, ["--tp", "2", "--sequence-parallel", "--grad"]),
         (2, ["--pp", "2", "--first-stage-layers", "1"]),
         (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1"]),
     ],
-    ids=["tp2", "pp2", "tp2xpp2"],
+    ids=["tp2", "tp2-sequence-parallel", "pp2", "tp2xpp2"],
 )
 def test_parallel_logits_match_transformers(tmp_path, nproc, args):
     results = _results(tmp_path, nproc, *args)

@@ -79,8 +79,11 @@ def hf_model(config: dict[str, Any], seed: int = 0):
 GRIDS = {"big": (1, 12, 16), "small": (1, 8, 10), "tall": (1, 20, 6)}
 
 
-def make_case(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """input_ids [1, S] with image placeholders, pixel_values and image_grid_thw for a named case."""
+def make_case(name: str, seed: int = 0, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """input_ids [1, S] with image placeholders, pixel_values and image_grid_thw for a named case.
+
+    ``multiple_of`` appends text tokens until S divides evenly (sequence parallelism needs it).
+    """
     g = torch.Generator().manual_seed(seed)
     images = {"one_image": ["big"], "two_images": ["big", "small"], "no_image": [], "tall": ["tall"]}[name]
     ids: list[int] = torch.randint(0, 240, (5,), generator=g).tolist()
@@ -90,6 +93,7 @@ def make_case(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
         ids += torch.randint(0, 240, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
     if not images:
         ids += torch.randint(0, 240, (40,), generator=g).tolist()
+    ids += torch.randint(0, 240, (-len(ids) % multiple_of,), generator=g).tolist()
     batch: dict[str, torch.Tensor] = {"input_ids": torch.tensor([ids])}
     if images:
         grid = torch.tensor([GRIDS[i] for i in images])

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--grad", action="store_true")
+    parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--out", required=True)
     opts = parser.parse_args()
 
@@ -62,13 +63,13 @@ def main() -> None:
         args = Qwen25VLArgs.from_hf_config(cfg)
         hf = hf_model(cfg)
         layout = ParallelLayout(opts.tp, opts.pp, num_layers_in_first_pipeline_stage=opts.first_stage_layers,
-                                make_vocab_size_divisible_by=16)
+                                make_vocab_size_divisible_by=16, sequence_parallel=opts.sequence_parallel)
         model = build_model(args, layout, backend="local").eval()
         load_hf_state_dict(model, hf.state_dict(), args, padded_vocab=model.padded_vocab_size,
                            tp_rank=tp_rank, tp_size=opts.tp, layer_offset=model.layer_offset)
         cases = ("no_image", "one_image", "two_images") if not tied else ("two_images",)
         for case in cases:
-            batch = make_case(case)
+            batch = make_case(case, multiple_of=opts.tp)
             with torch.no_grad():
                 out = run_forward(model, batch, batch["input_ids"].shape[1])
             if last:
@@ -78,12 +79,17 @@ def main() -> None:
 
         if opts.grad and not tied:
             # d(sum(logits * W))/d(params) on both sides; HF grads sharded through the mapping.
-            batch = make_case("two_images")
+            batch = make_case("two_images", multiple_of=opts.tp)
             g = torch.Generator().manual_seed(7)
             weights = torch.randn(*batch["input_ids"].shape, args.vocab_size, generator=g)
             model.zero_grad()
             logits = gather_vocab(model(**batch))[..., : args.vocab_size]
             (logits * weights).sum().backward()
+            # Under sequence parallelism each rank holds norm-weight grads of its own tokens:
+            # megatron's finalize_model_grads sums them over the TP group; so do we.
+            for p in model.parameters():
+                if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
             hf.zero_grad()
             kw = dict(batch, mm_token_type_ids=(batch["input_ids"] == 245).int())
             (hf(**kw).logits * weights).sum().backward()

@@ -14,10 +14,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from ... import platform
 from .args import Qwen25VLArgs
 from .parallel import ParallelLayout
 from .positions import ImageTokenError, get_rope_index, image_token_counts
-from .specs import layer_spec, resolve_backend
+from .specs import decoder_block_spec, layer_spec, resolve_backend
 from .vision import Qwen25VisionModel
 
 
@@ -32,7 +33,7 @@ def _common(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype) -> d
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not platform.has_cuda(),
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -131,7 +132,7 @@ class Qwen25VLModel(MegatronModule):
         )
         self.language_model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(self.backend, causal=True),
+            transformer_layer_spec=decoder_block_spec(self.backend, config),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=128000,
             pre_process=pre_process,
@@ -188,6 +189,11 @@ class Qwen25VLModel(MegatronModule):
             if packed_seq_params is not None:
                 raise ValueError("packed batches need precomputed position_ids (positions.packed_position_ids)")
             position_ids, _ = get_rope_index(input_ids, image_grid_thw, self.args, attention_mask)
+        if self.config.sequence_parallel and input_ids.shape[1] % self.layout.tensor_parallel:
+            raise ValueError(
+                f"sequence_parallel needs the sequence length ({input_ids.shape[1]}) to be a multiple of "
+                f"tensor_parallel ({self.layout.tensor_parallel}); pad the batch"
+            )
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)

@@ -28,6 +28,11 @@ class ParallelLayout:
         return self.tensor_parallel * self.pipeline_parallel
 
 
+# Meta builds must not allocate on a GPU: megatron-core's CPU initialisation path honours
+# the meta device context, its GPU path names a device explicitly.
+_META = {"use_cpu_initialization": True}
+
+
 @contextmanager
 def fake_rank(layout: ParallelLayout, rank: int) -> Iterator[None]:
     """Pretend to be ``rank`` of a TP x PP job (torch's fake process group): nothing communicates.
@@ -56,12 +61,13 @@ def fake_rank(layout: ParallelLayout, rank: int) -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-def meta_model(args, layout: ParallelLayout, rank: int, dtype: torch.dtype = torch.bfloat16):
-    """Build ``rank``'s stage on the meta device (no memory is allocated)."""
+@contextmanager
+def meta_stage(args, layout: ParallelLayout, rank: int, dtype: torch.dtype = torch.bfloat16):
+    """``rank``'s stage built on the meta device (no memory), inside its fake parallel state."""
     from .model import build_model
 
     with fake_rank(layout, rank), torch.device("meta"):
-        return build_model(args, layout, backend="local", dtype=dtype)
+        yield build_model(args, layout, backend="local", dtype=dtype, config_overrides=_META)
 
 
 def parameter_counts_by_rank(args, layout: ParallelLayout, dtype: torch.dtype = torch.bfloat16) -> list[int]:
@@ -72,12 +78,9 @@ def parameter_counts_by_rank(args, layout: ParallelLayout, dtype: torch.dtype = 
     """
     from megatron.core import parallel_state
 
-    from .model import build_model
-
     counts = []
     for rank in range(layout.world_size):
-        with fake_rank(layout, rank), torch.device("meta"):
-            model = build_model(args, layout, backend="local", dtype=dtype)
+        with meta_stage(args, layout, rank, dtype) as model:
             counts.append(unique_parameter_count(model, parallel_state.get_tensor_model_parallel_rank()))
     return counts
 

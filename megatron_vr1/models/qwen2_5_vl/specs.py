@@ -12,6 +12,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                        get_num_layers_to_build)
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
@@ -80,3 +83,15 @@ def layer_spec(backend: str, *, causal: bool) -> ModuleSpec:
             sharded_state_dict_keys_map=keys_map,
         ),
     )
+
+
+def decoder_block_spec(backend: str, config: TransformerConfig) -> ModuleSpec:
+    """This pipeline stage's causal LM layers and the final norm (megatron-core's default final
+    norm is torch's, which rejects sequence parallelism; ours follows the backend)."""
+    if resolve_backend(backend) == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = RMSNorm
+    layers = [layer_spec(backend, causal=True)] * get_num_layers_to_build(config)
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm))

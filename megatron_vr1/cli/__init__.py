@@ -1,0 +1,1 @@
+"""Entry points, each a Hydra app over ``conf/``."""
