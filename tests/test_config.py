@@ -107,5 +107,6 @@ def test_bad_parallel_option_is_named():
 
 def test_vocab_padding():
     args, _ = model_from_conf(load_model_conf("qwen2_5_vl_72b"))
-    assert args.padded_vocab_size(8) == 152576  # 152064 = 148.5 x 1024
-    assert args.padded_vocab_size(1) == 152064
+    assert args.padded_vocab_size(8, 128) == 152576  # Megatron's habit: 152064 = 148.5 x 1024
+    assert args.padded_vocab_size(8) == 152064  # ours: no padding where TP divides the vocab
+    assert model_from_conf(load_model_conf("qwen2_5_vl_72b"))[1].make_vocab_size_divisible_by == 1

@@ -50,14 +50,20 @@ def test_tied_embeddings_match_transformers(tied):
     assert (ours - hf_logits(hf, batch)).abs().max().item() <= TOL
 
 
-def test_padded_batch_matches_transformers(untied):
-    """Two samples of different lengths, right-padded, with an attention mask."""
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_matches_transformers(untied, side):
+    """Two samples of different lengths, padded on either side, with an attention mask."""
     args, hf, model = untied
     a, b = make_case("two_images"), make_case("one_image", seed=5)
     s, sb = a["input_ids"].shape[1], b["input_ids"].shape[1]
-    ids = torch.cat([a["input_ids"], torch.cat([b["input_ids"], torch.zeros(1, s - sb, dtype=torch.long)], 1)])
+    pad = torch.zeros(1, s - sb, dtype=torch.long)
+    row = [b["input_ids"], pad] if side == "right" else [pad, b["input_ids"]]
+    ids = torch.cat([a["input_ids"], torch.cat(row, 1)])
     mask = torch.ones_like(ids)
-    mask[1, sb:] = 0
+    if side == "right":
+        mask[1, sb:] = 0
+    else:
+        mask[1, : s - sb] = 0
     batch = dict(input_ids=ids, attention_mask=mask,
                  pixel_values=torch.cat([a["pixel_values"], b["pixel_values"]]),
                  image_grid_thw=torch.cat([a["image_grid_thw"], b["image_grid_thw"]]))
@@ -65,6 +71,7 @@ def test_padded_batch_matches_transformers(untied):
         ours = model(**batch)[..., : args.vocab_size]
     ref = hf_logits(hf, batch)
     keep = mask.bool()
+    assert torch.isfinite(ours).all()
     assert (ours[keep] - ref[keep]).abs().max().item() <= TOL
 
 
@@ -132,3 +139,15 @@ def test_sequence_parallel_needs_divisible_length(model_parallel_1):
     model.layout = ParallelLayout(tensor_parallel=2, sequence_parallel=True)
     with pytest.raises(ValueError, match="multiple of tensor_parallel"):
         model(**make_case("no_image", multiple_of=1))
+
+
+def test_labels_give_per_token_cross_entropy(untied):
+    args, _, model = untied
+    batch = make_case("one_image")
+    labels = torch.randint(0, args.vocab_size, batch["input_ids"].shape)
+    with torch.no_grad():
+        logits = model(**batch)
+        loss = model(**batch, labels=labels)
+    ref = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")
+    assert loss.shape == labels.shape
+    assert (loss[0] - ref).abs().max().item() <= 1e-5

@@ -67,9 +67,12 @@ class TorchSDPAttention(MegatronModule):
         if attention_mask is not None:
             # megatron convention: True marks positions that may NOT be attended
             mask = ~attention_mask.bool()
+            sq, sk = q.shape[2], k.shape[2]
             if causal:
-                sq, sk = q.shape[2], k.shape[2]
                 mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            # A padding query (left padding) may see no key at all; letting it see itself keeps
+            # its output finite, so no NaN reaches real tokens through 0 * NaN.
+            mask = mask | torch.eye(sq, sk, dtype=torch.bool, device=q.device)
             causal = False
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale,

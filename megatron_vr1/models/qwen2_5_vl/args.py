@@ -297,8 +297,11 @@ class Qwen25VLArgs:
                     f"do not split evenly over {pp - 1} stages"
                 )
 
-    def padded_vocab_size(self, tensor_parallel: int, divisible_by: int = 128) -> int:
-        """Megatron's vocab padding: a multiple of ``divisible_by * tensor_parallel``."""
+    def padded_vocab_size(self, tensor_parallel: int, divisible_by: int = 1) -> int:
+        """Megatron's vocab padding: a multiple of ``divisible_by * tensor_parallel``.
+
+        Rows past ``vocab_size`` are zero and their logits must be ignored by losses.
+        """
         multiple = divisible_by * tensor_parallel
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 

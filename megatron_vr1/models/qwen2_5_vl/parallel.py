@@ -21,7 +21,9 @@ class ParallelLayout:
     pipeline_parallel: int = 1
     num_layers_in_first_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
-    make_vocab_size_divisible_by: int = 128
+    # Padded vocab rows give logits of 0 that enter every softmax, so log-probs would drift from
+    # the HF model (and the rollout engine). Qwen's vocabularies divide by 8: pad only if TP needs.
+    make_vocab_size_divisible_by: int = 1
 
     @property
     def world_size(self) -> int:
