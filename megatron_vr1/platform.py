@@ -119,14 +119,15 @@ def init_distributed(
 
     use_cpu_backend()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun (or a compatible launcher)
+            rank, world, init_method = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://"
+        else:  # a lone process: a private rendezvous, leaving the environment to child processes
+            rank, world, init_method = 0, 1, f"tcp://127.0.0.1:{_free_port()}"
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
             backend=dist_backend(),
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=timedelta(minutes=timeout_minutes),

@@ -115,6 +115,7 @@ class Qwen25VLModel(MegatronModule):
         dtype: torch.dtype = torch.float32,
         parallel_output: bool = True,
         config_overrides: Optional[dict] = None,
+        padded_vocab_size: Optional[int] = None,
     ) -> None:
         args.check_parallel(layout.tensor_parallel, layout.pipeline_parallel,
                             layout.num_layers_in_first_pipeline_stage)
@@ -125,7 +126,11 @@ class Qwen25VLModel(MegatronModule):
         self.args = args
         self.layout = layout
         self.pre_process, self.post_process = pre_process, post_process
-        self.padded_vocab_size = args.padded_vocab_size(layout.tensor_parallel, layout.make_vocab_size_divisible_by)
+        self.padded_vocab_size = padded_vocab_size or args.padded_vocab_size(
+            layout.tensor_parallel, layout.make_vocab_size_divisible_by)
+        if self.padded_vocab_size < args.vocab_size or self.padded_vocab_size % layout.tensor_parallel:
+            raise ValueError(f"padded_vocab_size {self.padded_vocab_size} must be >= vocab_size {args.vocab_size} "
+                             f"and divisible by tensor_parallel {layout.tensor_parallel}")
         self.vision = (
             Qwen25VisionModel(vision_config(args, layout, dtype), args.vision, layer_spec(self.backend, causal=False))
             if pre_process else None

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from ..common.norm import RMSNorm
 from .args import VisionArgs
@@ -35,9 +37,9 @@ class PatchEmbed(torch.nn.Module):
         return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))
 
 
-class PatchMerger(torch.nn.Module):
+class PatchMerger(MegatronModule):
     def __init__(self, config: TransformerConfig, vision: VisionArgs) -> None:
-        super().__init__()
+        super().__init__(config=config)
         width = vision.hidden_size * vision.merge_unit
         self.width = width
         self.ln_q = RMSNorm(config, vision.hidden_size, eps=vision.norm_eps)
@@ -63,6 +65,20 @@ class Qwen25VisionModel(MegatronModule):
         )
         self.merger = PatchMerger(config, vision)
         self._full = set(vision.fullatt_block_indexes)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Checkpoint layout with each block's tensor-parallel sharding (megatron-core's default
+        treats a plain ``ModuleList`` as replicated)."""
+        state = {}
+        tp_group = parallel_state.get_tensor_model_parallel_group()  # replica ids of replicated tensors
+        for name, child in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(child):
+                    state.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+            else:
+                state.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                        tp_group=tp_group))
+        return state
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """``[patches, C*T*P*P]`` pixels -> ``[patches / 4, lm_hidden]`` image embeddings (raster order)."""

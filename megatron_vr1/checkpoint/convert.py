@@ -1,0 +1,172 @@
+"""Hugging Face <-> Megatron-Core checkpoint conversion for Qwen2.5-VL, one tensor at a time.
+
+Both directions build the model on the meta device (TP=1, PP=1: the distributed checkpoint
+stores global tensors, so it loads at any TP/PP) and move tensors through the one HF mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .. import platform
+from ..models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs, build_model
+from ..models.qwen2_5_vl.hf_mapping import VocabSplit, iter_model_mappings, param_mappings
+from .hf_files import (CheckpointError, HFCheckpointReader, atomic_dir, check_tensors, copy_side_files,
+                       write_safetensors_shards)
+from .megatron_files import iter_checkpoint_params, load_model, read_metadata, save_streaming, write_metadata
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_ASSETS = "hf_assets"  # tokenizer / processor / generation files kept inside a Megatron checkpoint
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """Parallel state of one process (TP=1, PP=1), started here if nobody did."""
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if not started and dist.get_world_size() != 1:
+        raise RuntimeError("checkpoint conversion runs in a single process, not under a multi-rank job")
+    platform.init_distributed(1, 1)
+    try:
+        yield
+    finally:
+        if started:
+            platform.shutdown_distributed()
+
+
+def expected_hf_shapes(args: Qwen25VLArgs) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the published checkpoint, as transformers builds the model."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ..models.qwen2_5_vl import canonical_hf_name
+
+    with torch.device("meta"):
+        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**args.to_hf_config()))
+    shapes = {canonical_hf_name(k): tuple(v.shape) for k, v in hf.state_dict().items()}
+    if args.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # the same tensor as embed_tokens; checkpoints omit it
+    return shapes
+
+
+def _meta_model(args: Qwen25VLArgs, dtype: torch.dtype, padded_vocab: int):
+    with torch.device("meta"):
+        return build_model(args, ParallelLayout(), backend="local", dtype=dtype,
+                           config_overrides={"use_cpu_initialization": True}, padded_vocab_size=padded_vocab)
+
+
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                num_layers_in_first_pipeline_stage: Optional[int] = None, dtype: str = "bf16",
+                make_vocab_size_divisible_by: int = 1, overwrite: bool = False) -> dict:
+    """Convert a HF folder into a Megatron-Core distributed checkpoint laid out for TP x PP."""
+    args = Qwen25VLArgs.from_hf_config(hf_dir)
+    layout = ParallelLayout(tensor_parallel, pipeline_parallel, num_layers_in_first_pipeline_stage,
+                            make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    args.check_parallel(tensor_parallel, pipeline_parallel, num_layers_in_first_pipeline_stage)
+    torch_dtype = DTYPES[dtype]
+    reader = HFCheckpointReader(hf_dir)
+    expected = expected_hf_shapes(args)
+    tied_head = args.tie_word_embeddings and "lm_head.weight" in reader.names()
+    check_tensors(reader, {**expected, **({"lm_head.weight": expected["model.embed_tokens.weight"]} if tied_head else {})})
+    if tied_head and not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        raise CheckpointError(f"{hf_dir}: tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
+
+    padded = args.padded_vocab_size(tensor_parallel, make_vocab_size_divisible_by)
+    table = param_mappings(args, padded)
+    read: set[str] = set()
+
+    def param_fn(name: str) -> torch.Tensor:
+        m = table[name]
+        read.update(m.hf)
+        return m.shard([reader.get(h) for h in m.hf], 0, 1)
+
+    with single_process(), atomic_dir(out, overwrite) as tmp:
+        model = _meta_model(args, torch_dtype, padded)
+        uses = Counter(h for _, _, m in iter_model_mappings(model, args, padded, 0) for h in m.hf)
+        twice = sorted(h for h, n in uses.items() if n > 1)
+        if twice:
+            raise CheckpointError(f"tensors {twice} would feed more than one Megatron parameter")
+        save_streaming(model, param_fn, tmp, torch_dtype)
+        unread = sorted(set(expected) - read)
+        if unread:
+            raise CheckpointError(f"{hf_dir}: tensors {unread} were never converted")
+        write_metadata(tmp, args, layout, torch_dtype, padded, extra={"source": "hf", "hf_tensors": len(read)})
+        (tmp / HF_ASSETS).mkdir()
+        copy_side_files(hf_dir, tmp / HF_ASSETS)
+    return {"tensors": len(read), "padded_vocab_size": padded}
+
+
+def _hf_tensors(model, args: Qwen25VLArgs, ckpt: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    table = param_mappings(args, model.padded_vocab_size)
+    for name, full in iter_checkpoint_params(model, ckpt, dtype):
+        m = table[name]
+        merged = m.merge([full], args.vocab_size) if isinstance(m, VocabSplit) else m.merge([full])
+        yield from zip(m.hf, merged)
+
+
+def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config: str | Path | None = None,
+                max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> dict:
+    """Convert a Megatron-Core checkpoint (any TP/PP) into a HF folder that transformers and vLLM load."""
+    mcore_dir = Path(mcore_dir)
+    meta = read_metadata(mcore_dir)
+    args = Qwen25VLArgs.from_hf_config(meta["hf_config"])
+    if hf_config is not None:
+        given = Qwen25VLArgs.from_hf_config(hf_config)
+        if given != args:
+            raise CheckpointError(f"--hf-config {hf_config} describes another architecture than {mcore_dir}")
+    dtype = getattr(torch, meta["dtype"])
+    with single_process(), atomic_dir(out, overwrite) as tmp:
+        model = _meta_model(args, dtype, meta["padded_vocab_size"])
+        index = write_safetensors_shards(_hf_tensors(model, args, mcore_dir, dtype), tmp, max_shard_bytes)
+        missing = sorted(set(expected_hf_shapes(args)) - set(index["weight_map"]))
+        if missing:
+            raise CheckpointError(f"{mcore_dir}: no data for HF tensors {missing}")
+        config = dict(args.to_hf_config(), torch_dtype=meta["dtype"], transformers_version=_transformers_version())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copied = copy_side_files(hf_config if hf_config is not None else mcore_dir / HF_ASSETS, tmp)
+        if "generation_config.json" not in copied:
+            gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return {"tensors": len(index["weight_map"]), "bytes": index["metadata"]["total_size"]}
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def fixed_prompt(args: Qwen25VLArgs) -> dict[str, torch.Tensor]:
+    """A deterministic prompt with text and one 8x8-patch image, valid for any Qwen2.5-VL vocab."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, min(args.vocab_size, 150000), (12,), generator=g).tolist()
+    grid = torch.tensor([[1, 8, 8]])
+    image = [args.vision_start_token_id] + [args.image_token_id] * 16 + [args.vision_end_token_id]
+    ids = text[:6] + image + text[6:]
+    pixels = torch.randn(64, args.vision.patch_dim, generator=g)
+    return {"input_ids": torch.tensor([ids]), "pixel_values": pixels, "image_grid_thw": grid}
+
+
+@torch.no_grad()
+def verify(hf_dir: str | Path, mcore_dir: str | Path) -> float:
+    """Max |logit difference| between the HF folder (transformers) and the Megatron checkpoint, fp32."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    meta = read_metadata(mcore_dir)
+    args = Qwen25VLArgs.from_hf_config(meta["hf_config"])
+    batch = fixed_prompt(args)
+    with single_process():
+        model = build_model(args, ParallelLayout(), backend="local", dtype=torch.float32,
+                            padded_vocab_size=meta["padded_vocab_size"]).eval()
+        load_model(model, mcore_dir)
+        ours = model(**batch)[..., : args.vocab_size].float()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = batch["input_ids"]
+    ref = hf(**batch, mm_token_type_ids=(ids == args.image_token_id).int()).logits.float()
+    return (ours - ref).abs().max().item()

@@ -1,0 +1,154 @@
+"""Hugging Face checkpoint folders: lazy safetensors reading, sharded writing, side files.
+
+Reading opens the file for each tensor and closes it again, so resident memory holds one
+tensor, not the mapped files. Writing goes to a hidden temporary folder that is renamed into
+place only when everything (shards, index, config, tokenizer files) is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..models.qwen2_5_vl.hf_mapping import canonical_hf_name
+
+# Files a Qwen2.5-VL checkpoint folder carries besides weights and config.json.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+    "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not hold what the model needs."""
+
+
+class HFCheckpointReader:
+    """Tensors of a safetensors checkpoint (single file or sharded with an index), by canonical name."""
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / "model.safetensors").exists():
+            with safe_open(self.dir / "model.safetensors", framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise CheckpointError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json")
+        self._where: dict[str, tuple[Path, str]] = {}
+        for name, file in weight_map.items():
+            canon = canonical_hf_name(name)
+            if canon in self._where:
+                raise CheckpointError(f"{hf_dir}: tensor {canon!r} appears twice (as {name!r})")
+            self._where[canon] = (self.dir / file, name)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path, key = self._locate(name)
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        path, key = self._locate(name)
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def _locate(self, name: str) -> tuple[Path, str]:
+        if name not in self._where:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
+        return self._where[name]
+
+
+def check_tensors(reader: HFCheckpointReader, expected: dict[str, tuple[int, ...]], optional: Iterable[str] = ()) -> None:
+    """Every expected tensor present once with its shape, nothing else (``optional`` may be absent)."""
+    have = set(reader.names())
+    optional = set(optional)
+    missing = sorted(set(expected) - have - optional)
+    extra = sorted(have - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+    for name in sorted(have & set(expected)):
+        shape = reader.shape(name)
+        if shape != tuple(expected[name]):
+            problems.append(f"tensor {name!r} has shape {list(shape)}, expected {list(expected[name])}")
+    if problems:
+        raise CheckpointError(f"{reader.dir}: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder that becomes ``out`` only if the block finishes."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def copy_side_files(src: str | Path | None, dst: Path) -> list[str]:
+    """Copy tokenizer / processor / generation files that exist in ``src``."""
+    copied = []
+    if src is None:
+        return copied
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_safetensors_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> dict:
+    """Write ``model-0000i-of-0000N.safetensors`` shards and their index; returns the index."""
+    staged: list[tuple[Path, list[str]]] = []
+    bucket: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal bucket, size
+        if bucket:
+            path = out / f"shard-{len(staged):05d}.tmp"
+            save_file(bucket, str(path), metadata={"format": "pt"})
+            staged.append((path, list(bucket)))
+        bucket, size = {}, 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > max_shard_bytes:
+            flush()
+        bucket[name] = t.contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    weight_map = {}
+    for i, (path, names) in enumerate(staged):
+        final = f"model-{i + 1:05d}-of-{len(staged):05d}.safetensors"
+        path.rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return index
