@@ -19,7 +19,7 @@ from ..models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs, build_model
 from ..models.qwen2_5_vl.hf_mapping import VocabSplit, iter_model_mappings, param_mappings
 from .hf_files import (CheckpointError, HFCheckpointReader, atomic_dir, check_tensors, copy_side_files,
                        write_safetensors_shards)
-from .megatron_files import iter_checkpoint_params, load_model, read_metadata, save_streaming, write_metadata
+from .megatron_files import checkpoint_param_shapes, iter_checkpoint_params, load_model, read_metadata, save_streaming, write_metadata
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_ASSETS = "hf_assets"  # tokenizer / processor / generation files kept inside a Megatron checkpoint
@@ -102,12 +102,26 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1
     return {"tensors": len(read), "padded_vocab_size": padded}
 
 
+def _merge_full(m, full: torch.Tensor, vocab_size: int) -> list[torch.Tensor]:
+    return m.merge([full], vocab_size) if isinstance(m, VocabSplit) else m.merge([full])
+
+
 def _hf_tensors(model, args: Qwen25VLArgs, ckpt: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     table = param_mappings(args, model.padded_vocab_size)
     for name, full in iter_checkpoint_params(model, ckpt, dtype):
         m = table[name]
-        merged = m.merge([full], args.vocab_size) if isinstance(m, VocabSplit) else m.merge([full])
-        yield from zip(m.hf, merged)
+        yield from zip(m.hf, _merge_full(m, full, args.vocab_size))
+
+
+def _hf_plan(model, args: Qwen25VLArgs, dtype: torch.dtype):
+    """What :func:`_hf_tensors` will produce, in order, from shapes alone (the model is on meta)."""
+    table = param_mappings(args, model.padded_vocab_size)
+    plan = []
+    for name, shape in checkpoint_param_shapes(model):
+        m = table[name]
+        merged = _merge_full(m, torch.empty(shape, dtype=dtype, device="meta"), args.vocab_size)
+        plan += [(h, tuple(t.shape), dtype) for h, t in zip(m.hf, merged)]
+    return plan
 
 
 def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config: str | Path | None = None,
@@ -123,7 +137,8 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config: str | Path
     dtype = getattr(torch, meta["dtype"])
     with single_process(), atomic_dir(out, overwrite) as tmp:
         model = _meta_model(args, dtype, meta["padded_vocab_size"])
-        index = write_safetensors_shards(_hf_tensors(model, args, mcore_dir, dtype), tmp, max_shard_bytes)
+        index = write_safetensors_shards(_hf_plan(model, args, dtype), _hf_tensors(model, args, mcore_dir, dtype),
+                                         tmp, max_shard_bytes)
         missing = sorted(set(expected_hf_shapes(args)) - set(index["weight_map"]))
         if missing:
             raise CheckpointError(f"{mcore_dir}: no data for HF tensors {missing}")

@@ -16,7 +16,6 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..models.qwen2_5_vl.hf_mapping import canonical_hf_name
 
@@ -122,33 +121,61 @@ def copy_side_files(src: str | Path | None, dst: Path) -> list[str]:
     return copied
 
 
-def write_safetensors_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> dict:
-    """Write ``model-0000i-of-0000N.safetensors`` shards and their index; returns the index."""
-    staged: list[tuple[Path, list[str]]] = []
-    bucket: dict[str, torch.Tensor] = {}
-    size = total = 0
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
 
-    def flush() -> None:
-        nonlocal bucket, size
-        if bucket:
-            path = out / f"shard-{len(staged):05d}.tmp"
-            save_file(bucket, str(path), metadata={"format": "pt"})
-            staged.append((path, list(bucket)))
-        bucket, size = {}, 0
+TensorPlan = list[tuple[str, tuple[int, ...], torch.dtype]]
 
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > max_shard_bytes:
-            flush()
-        bucket[name] = t.contiguous()
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def write_safetensors_shards(plan: TensorPlan, tensors: Iterable[tuple[str, torch.Tensor]], out: Path,
+                             max_shard_bytes: int) -> dict:
+    """Write ``model-0000i-of-0000N.safetensors`` shards and their index, one tensor at a time.
+
+    ``plan`` (names, shapes, dtypes in production order) fixes each shard's header up front, so
+    every tensor goes straight to disk when it arrives: memory holds one tensor, not one shard.
+    A tensor larger than ``max_shard_bytes`` gets a shard of its own.
+    """
+    shards: list[TensorPlan] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = _nbytes(entry[1], entry[2])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
         size += nbytes
-        total += nbytes
-    flush()
-    weight_map = {}
-    for i, (path, names) in enumerate(staged):
-        final = f"model-{i + 1:05d}-of-{len(staged):05d}.safetensors"
-        path.rename(out / final)
-        weight_map.update(dict.fromkeys(names, final))
+    stream = iter(tensors)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in shard:
+            end = offset + _nbytes(shape, dtype)
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        with open(out / file, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name, shape, dtype in shard:
+                got_name, t = next(stream)
+                if got_name != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise CheckpointError(f"expected {name} {list(shape)} {dtype}, got {got_name} "
+                                          f"{list(t.shape)} {t.dtype}")
+                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+                weight_map[name] = file
+        total += offset
+    if next(stream, None) is not None:
+        raise CheckpointError("more tensors than planned")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return index

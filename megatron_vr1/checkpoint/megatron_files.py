@@ -119,7 +119,9 @@ class _StreamingStrategy(SaveShardedStrategy):
             return t.reshape(tuple(item.tensor_data.chunk.sizes)).contiguous()
 
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=True, thread_count=1, sync_files=True)
+        # One file per tensor: torch's FileSystemWriter keeps every tensor of a file alive until
+        # the file is closed, so one file for everything would hold the whole model in memory.
+        writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=False, thread_count=1, sync_files=True)
         planner = _LazyPlanner(resolve, dedup_replicated_tensors=False, flatten_state_dict=False)
         dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
         self._cache = None
@@ -143,14 +145,23 @@ def save_streaming(model: torch.nn.Module, param_fn: ParamFn, ckpt_dir: Path, dt
         raise cause from e
 
 
+def _weight_entries(model: torch.nn.Module):
+    """The model's checkpoint entries that hold weights (not ``_extra_state`` objects), in order."""
+    return [(k, v) for k, v in model.sharded_state_dict().items()
+            if isinstance(v, (ShardedTensor, ShardedTensorFactory))]
+
+
+def checkpoint_param_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(mapping name, whole shape) in the order :func:`iter_checkpoint_params` yields them."""
+    return [(local_to_global_name(k, 0), tuple(v.data.shape)) for k, v in _weight_entries(model)]
+
+
 def iter_checkpoint_params(model: torch.nn.Module, ckpt_dir: Path, dtype: torch.dtype
                            ) -> Iterator[tuple[str, torch.Tensor]]:
     """(mapping name, whole parameter) for every parameter of a TP=1, PP=1 ``model``, read from
     the checkpoint one at a time (the model itself may be on the meta device)."""
     num_layers = model.config.num_layers
-    for key, value in model.sharded_state_dict().items():
-        if not isinstance(value, (ShardedTensor, ShardedTensorFactory)):
-            continue  # ShardedObjects (_extra_state) carry no weights
+    for key, value in _weight_entries(model):
         shape = tuple(value.data.shape)
         layer = _STACKED.match(key)
         # Ask for exactly this parameter's region: for a stacked LM tensor, one slot of the layer
@@ -166,9 +177,14 @@ def iter_checkpoint_params(model: torch.nn.Module, ckpt_dir: Path, dtype: torch.
 
 
 def save_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Checkpoint a live (sharded) model; collective over all ranks."""
-    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    """Checkpoint a live (sharded) model, with the metadata ``mcore-to-hf`` needs; collective."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    if torch.distributed.get_rank() == 0:
+        dtype = next(model.parameters()).dtype
+        write_metadata(ckpt_dir, model.args, model.layout, dtype, model.padded_vocab_size, extra={"source": "training"})
+    torch.distributed.barrier()
 
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
