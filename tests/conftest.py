@@ -6,6 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run in Triton's interpreter where there is no GPU; it must be chosen before
+# anything imports triton. (bf16 arithmetic in the interpreter is only right when cast to fp32,
+# which the kernels do on load.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

@@ -1,0 +1,131 @@
+"""The public kernels: checked inputs, then the Triton path or the torch reference.
+
+The Triton path runs on CUDA tensors, or anywhere with ``backend="triton"`` (on CPU that needs
+``TRITON_INTERPRET=1``, which is how the tests run it); the torch reference runs otherwise.
+Both compute the same thing (DESIGN.md's conventions) and are tested against each other and
+against a textbook implementation.
+
+NaN handling (documented, not silent): a NaN in a token's logits, old/ref log-prob or advantage
+makes that token's outputs NaN and its gradient NaN; it never reaches other tokens, and masked
+tokens are never read, so NaN there is harmless.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import reference
+
+Backend = str  # "auto" | "triton" | "torch"
+
+
+def _use_triton(backend: Backend, *tensors: torch.Tensor) -> bool:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return all(t.is_cuda for t in tensors)
+    return backend == "triton"
+
+
+def _check_rows(name: str, t: torch.Tensor, rows: int) -> None:
+    if t.dim() != 1 or t.shape[0] != rows:
+        raise ValueError(f"{name} must have shape [{rows}] (one value per logits row), got {list(t.shape)}")
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor], tp_group) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [tokens, vocab], got shape {list(logits.shape)}")
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must be contiguous along the vocab dimension (stride(-1) == 1); "
+                         "call .contiguous() first")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits must be fp32, bf16 or fp16, got {logits.dtype}")
+    _check_rows("labels", labels, logits.shape[0])
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
+    used = labels if mask is None else labels[mask.bool()]
+    if used.numel():
+        shards = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
+        vocab = logits.shape[1] * shards
+        lo, hi = int(used.min()), int(used.max())
+        if lo < 0 or hi >= vocab:
+            where = f"the {shards} vocab shards of {logits.shape[1]}" if tp_group is not None else "the vocab"
+            raise ValueError(f"labels must lie in [0, {vocab}) ({where}); got values in [{lo}, {hi}]")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: Union[int, torch.Tensor], *,
+                     std: Optional[str] = "unbiased", eps: float = 1e-6, backend: Backend = "auto") -> torch.Tensor:
+    """GRPO advantages ``(r - mean_g) / (std_g + eps)`` per group of rollouts, fp32, shape of ``rewards``.
+
+    ``group_size``: an int (consecutive groups of that size) or a tensor of group sizes in order
+    (groups of different sizes, e.g. after filtering). ``std``: ``"unbiased"`` (n-1),
+    ``"population"`` (n), or ``None`` for Dr.GRPO (no division). Groups of one get 0.
+    """
+    if std not in reference.STD_MODES:
+        raise ValueError(f"std must be 'unbiased', 'population' or None, got {std!r}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, got shape {list(rewards.shape)}")
+    if isinstance(group_size, int):
+        if group_size < 1 or rewards.numel() % group_size:
+            raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+        sizes = torch.full((rewards.numel() // group_size,), group_size, dtype=torch.int64)
+    else:
+        sizes = group_size.to(torch.int64).cpu()
+        if (sizes < 1).any() or int(sizes.sum()) != rewards.numel():
+            raise ValueError(f"group sizes must be >= 1 and sum to {rewards.numel()}, got sum {int(sizes.sum())}")
+    offsets = torch.nn.functional.pad(sizes.cumsum(0), (1, 0)).to(rewards.device)
+    if _use_triton(backend, rewards):
+        from .group_advantage import group_advantages_triton
+
+        return group_advantages_triton(rewards, offsets, std=std, eps=eps, max_group=int(sizes.max()))
+    return reference.group_advantages(rewards, offsets, std=std, eps=eps)
+
+
+@torch.no_grad()
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
+                   mask: Optional[torch.Tensor] = None, backend: Backend = "auto") -> torch.Tensor:
+    """``log softmax(logits / T)[labels]`` per row, fp32 ``[T]``, without gradient (old and
+    reference policies). With ``tp_group`` the logits are this rank's vocab shard and labels
+    are global ids. Rows off ``mask`` (if given) are skipped and give 0."""
+    _check_logits(logits, labels, mask, tp_group)
+    if mask is None:
+        mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    else:
+        _check_rows("mask", mask, logits.shape[0])
+    if _use_triton(backend, logits):
+        from .grpo_loss import row_stats
+
+        lse, target = row_stats(logits, labels, mask.to(torch.int8).contiguous(), temperature, tp_group)
+        return torch.where(mask.bool(), target - lse, 0.0)
+    out = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    rows = mask.bool().nonzero()[:, 0]
+    return out.index_put((rows,), reference.token_logprobs(logits[rows], labels[rows], temperature=temperature,
+                                                           tp_group=tp_group))
+
+
+def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
+              clip_high: float = 0.2, kl_beta: float = 0.0, tp_group=None, inplace_backward: bool = False,
+              backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token GRPO loss, log-probs and k3 KL (each fp32 ``[T]``, 0 on masked tokens).
+
+    ``loss = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) + kl_beta * k3`` with
+    ``r = exp(logp - old_logprobs)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
+    Row t of ``logits`` predicts ``labels[t]``; ``advantages`` is per token. Differentiable with
+    respect to ``logits`` (all three outputs). ``inplace_backward`` writes the gradient into the
+    logits' own storage (saves a logits-sized buffer; the logits must not be used afterwards).
+    """
+    _check_logits(logits, labels, mask, tp_group)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("advantages", advantages),
+                    ("mask", mask)):
+        _check_rows(name, t, logits.shape[0])
+    if _use_triton(backend, logits):
+        from .grpo_loss import GRPOLossFunction
+
+        return GRPOLossFunction.apply(logits, labels.contiguous(), old_logprobs, ref_logprobs, advantages,
+                                      mask.to(torch.int8).contiguous(), temperature, clip_low, clip_high, kl_beta,
+                                      tp_group, inplace_backward)
+    return reference.grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask, temperature=temperature,
+                               clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta, tp_group=tp_group)

@@ -1,0 +1,96 @@
+"""Plain-torch references of the RL kernels: the CPU default and what the Triton kernels are
+tested against. Log-softmax runs in fp32 from any input dtype.
+
+Conventions (see DESIGN.md), per token with temperature T:
+  logp = z_y/T - logsumexp(z/T);  r = exp(logp - logp_old)
+  loss = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) + kl_beta * k3,  k3 = exp(d) - d - 1, d = ref - logp
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+STD_MODES = ("unbiased", "population", None)
+
+
+def group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, *, std: Optional[str] = "unbiased",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """``(r - mean_g) / (std_g + eps)`` per group ``[offsets[i], offsets[i+1])``; ``std=None``: ``r - mean_g``.
+
+    A group of one has advantage 0 (its reward is its mean); the unbiased std of one sample is
+    taken as 0 rather than undefined.
+    """
+    r = rewards.float()
+    sizes = (offsets[1:] - offsets[:-1]).long()
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=r.device), sizes)
+    n = sizes.float().to(r.device)
+    mean = torch.zeros(len(sizes), device=r.device).index_add_(0, group, r) / n
+    centred = r - mean[group]
+    if std is None:
+        return centred
+    sq = torch.zeros(len(sizes), device=r.device).index_add_(0, group, centred * centred)
+    denom = (n - 1).clamp(min=1) if std == "unbiased" else n
+    return centred / ((sq / denom).sqrt()[group] + eps)
+
+
+class _AllReduceFwd(torch.autograd.Function):
+    """All-reduce forward, identity backward: every rank computes the same replicated loss, so
+    the gradient reaching each rank's partial input is the loss gradient itself (not tp x it)."""
+
+    @staticmethod
+    def forward(ctx, x, op, group):
+        x = x.clone()
+        dist.all_reduce(x, op=op, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def _global_lse_and_target(z: torch.Tensor, labels: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp and target logit of vocab-sharded fp32 logits ``z`` (differentiable)."""
+    v_local = z.shape[-1]
+    start = dist.get_rank(group) * v_local
+    local = labels - start
+    in_shard = (local >= 0) & (local < v_local)
+    target = torch.where(in_shard, z.gather(-1, local.clamp(0, v_local - 1)[:, None])[:, 0], torch.zeros_like(z[:, 0]))
+    target = _AllReduceFwd.apply(target, dist.ReduceOp.SUM, group)
+    m = _AllReduceFwd.apply(z.detach().amax(-1), dist.ReduceOp.MAX, group)  # a constant shift
+    s = _AllReduceFwd.apply(torch.exp(z - m[:, None]).sum(-1), dist.ReduceOp.SUM, group)
+    return m + torch.log(s), target
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                   tp_group=None) -> torch.Tensor:
+    """``log softmax(logits / T)[label]`` in fp32; differentiable."""
+    z = logits.float() / temperature
+    if tp_group is None:
+        lse = torch.logsumexp(z, dim=-1)
+        target = z.gather(-1, labels[:, None].long())[:, 0]
+    else:
+        lse, target = _global_lse_and_target(z, labels.long(), tp_group)
+    return target - lse
+
+
+def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
+              clip_high: float = 0.2, kl_beta: float = 0.0, tp_group=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (loss, logp, k3) in fp32; masked tokens give 0 and no gradient."""
+    keep = mask.bool()
+    rows = keep.nonzero()[:, 0]  # masked rows are never read, so NaN there cannot leak
+    logp = torch.zeros(keep.shape, dtype=torch.float32, device=logits.device)
+    logp = logp.index_put((rows,), token_logprobs(logits[rows], labels[rows], temperature=temperature,
+                                                  tp_group=tp_group))
+    adv = advantages.float()
+    ratio = torch.exp(logp - old_logprobs.float())
+    pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    delta = ref_logprobs.float() - logp
+    k3 = torch.exp(delta) - delta - 1
+    loss = pg + kl_beta * k3
+    zero = torch.zeros_like(loss)
+    return torch.where(keep, loss, zero), logp, torch.where(keep, k3, zero)

@@ -1,0 +1,251 @@
+"""RL kernels (Triton, run by Triton's interpreter on CPU) vs the torch reference vs the textbook."""
+
+import pytest
+import torch
+
+import textbook
+from megatron_vr1.kernels import aggregate_loss, group_advantages, grpo_loss, shift_labels, token_logprobs
+
+BACKENDS = ["triton", "torch"]
+V_RAGGED = 152064  # Qwen's vocab: 37.125 blocks of 4096, so the last block is ragged
+
+
+# ---------------------------------------------------------------------------- group advantages
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("std", ["unbiased", "population", None])
+@pytest.mark.parametrize("sizes", [[1] * 5, [4] * 6, [16] * 3, [3, 1, 5, 8]])
+def test_group_advantages_match_textbook(backend, std, sizes):
+    g = torch.Generator().manual_seed(len(sizes))
+    rewards = (torch.rand(sum(sizes), generator=g) > 0.5).float() + 0.1 * torch.randn(sum(sizes), generator=g)
+    group = sizes[0] if len(set(sizes)) == 1 else torch.tensor(sizes)
+    ours = group_advantages(rewards, group, std=std, eps=1e-6, backend=backend)
+    expected = torch.tensor(textbook.advantages(rewards.tolist(), sizes, std, 1e-6))
+    assert ours.dtype == torch.float32 and ours.shape == rewards.shape
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_advantage_conventions_differ_as_documented():
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
+    unbiased = group_advantages(rewards, 8, std="unbiased", backend="triton")
+    population = group_advantages(rewards, 8, std="population", backend="triton")
+    # at group size 8 the two conventions differ by sqrt(8/7), about 7%
+    torch.testing.assert_close(population / unbiased, torch.full((8,), (8 / 7) ** 0.5))
+    assert group_advantages(torch.ones(4), 4, backend="triton").abs().max() == 0  # all equal: no signal
+
+
+def test_group_advantages_bad_input():
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        group_advantages(torch.ones(8), 3)
+    with pytest.raises(ValueError, match="std must be"):
+        group_advantages(torch.ones(8), 4, std="sample")
+    with pytest.raises(ValueError, match="sum to 8"):
+        group_advantages(torch.ones(8), torch.tensor([3, 3]))
+
+
+# ---------------------------------------------------------------------------- log-probs
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_ragged_vocab(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(4, V_RAGGED, generator=g) * 4).to(dtype)
+    logits[0, -1] = 30.0  # the winning logit sits in the ragged last block
+    labels = torch.tensor([V_RAGGED - 1, 0, 12345, V_RAGGED - 3000])
+    ours = token_logprobs(logits, labels, temperature=0.6, backend=backend)
+    z = logits.double() / 0.6
+    expected = (z - torch.logsumexp(z, -1, keepdim=True)).gather(1, labels[:, None])[:, 0]
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GRPO loss
+def _case(t=8, v=1000, dtype=torch.float32, seed=0, spread=0.2):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(t, v, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, v, (t,), generator=g)
+    z = logits.double()
+    logp = (z - torch.logsumexp(z, -1, keepdim=True)).gather(1, labels[:, None])[:, 0].float()
+    old = logp + spread * torch.randn(t, generator=g)
+    ref = logp + spread * torch.randn(t, generator=g)
+    adv = torch.randn(t, generator=g)
+    mask = torch.ones(t, dtype=torch.bool)
+    mask[[i for i in (1, 5) if i < t]] = False
+    return logits, labels, old, ref, adv, mask
+
+
+def _run(backend, logits, labels, old, ref, adv, mask, weights=(1.0, 0.3, 0.2), **kw):
+    x = logits.detach().clone().requires_grad_()
+    loss, logp, kl = grpo_loss(x, labels, old, ref, adv, mask, backend=backend, **kw)
+    (weights[0] * loss.sum() + weights[1] * logp.sum() + weights[2] * kl.sum()).backward()
+    return loss.detach(), logp.detach(), kl.detach(), x.grad
+
+
+def _textbook(logits, labels, old, ref, adv, mask, weights=(1.0, 0.3, 0.2), **kw):
+    x = logits.detach().double().requires_grad_()
+    loss, logp, kl = textbook.grpo(x, labels, old, ref, adv, mask, **kw)
+    (weights[0] * loss.sum() + weights[1] * logp.sum() + weights[2] * kl.sum()).backward()
+    return loss.detach(), logp.detach(), kl.detach(), x.grad
+
+
+def _assert_match(ours, expected, rtol, atol):
+    for name, a, b in zip(("loss", "logp", "kl", "grad"), ours, expected):
+        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+KW = dict(temperature=0.8, clip_low=0.2, clip_high=0.28, kl_beta=0.04)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_loss_matches_textbook_fp32(backend):
+    case = _case(v=V_RAGGED // 16 + 7)
+    _assert_match(_run(backend, *case, **KW), _textbook(*case, **KW), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_loss_matches_textbook_bf16(backend):
+    case = _case(dtype=torch.bfloat16, v=2053)
+    ours = _run(backend, *case, **KW)
+    # inputs are bf16 but everything is computed in fp32: 1e-3 relative (the gradient is
+    # written back in bf16, so compare it at bf16 resolution)
+    expected = _textbook(*case, **KW)
+    _assert_match(ours[:3], expected[:3], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(ours[3].double(), expected[3].to(torch.bfloat16).double(), rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_triton_and_torch_agree_on_ragged_vocab(backend):
+    case = _case(t=3, v=V_RAGGED, seed=4)
+    _assert_match(_run(backend, *case, **KW), _run("torch", *case, **KW), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_rows_zero_advantage_and_extreme_ratios(backend):
+    logits, labels, old, ref, adv, mask = _case(t=8, v=777, seed=2)
+    adv[0] = 0.0                         # no policy-gradient signal, only KL
+    old[2] = old[2] - 30.0               # ratio e^30 with A>0 -> clipped, no pg gradient
+    adv[2] = abs(float(adv[2])) + 0.5
+    old[3] = old[3] + 30.0               # ratio e^-30 with A<0 -> clipped
+    adv[3] = -abs(float(adv[3])) - 0.5
+    old[4] = old[4] - 30.0               # ratio e^30 with A<0 -> unclipped, huge gradient
+    adv[4] = -0.5
+    logits[5] = float("nan")             # masked: never read
+    case = (logits, labels, old, ref, adv, mask)
+    ours, expected = _run(backend, *case, **KW), _textbook(*case, **KW)
+    _assert_match(ours, expected, rtol=1e-5, atol=1e-5)
+    loss, logp, kl, grad = ours
+    assert loss[1] == 0 and logp[1] == 0 and kl[1] == 0 and (grad[[1, 5]] == 0).all()
+    # clipped rows: only the KL and logp terms act
+    kl_only = _run(backend, *case, weights=(0.0, 0.3, 0.2), **KW)[3]
+    for row in (2, 3):
+        kl_grad = _run(backend, *case, weights=(1.0, 0.0, 0.0), **dict(KW, kl_beta=0.0))[3][row]
+        assert kl_grad.abs().max() == 0, row
+    assert torch.isfinite(kl_only).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_masked(backend):
+    logits, labels, old, ref, adv, _ = _case(t=4, v=300)
+    mask = torch.zeros(4, dtype=torch.bool)
+    loss, logp, kl, grad = _run(backend, logits, labels, old, ref, adv, mask, **KW)
+    assert not loss.any() and not logp.any() and not kl.any() and not grad.any()
+
+
+def test_inplace_backward_reuses_the_logits_storage():
+    case = _case(v=513)
+    expected = _run("triton", *case, **KW)[3]
+    x = case[0].clone().requires_grad_()
+    loss, _, _ = grpo_loss(x, *case[1:], backend="triton", inplace_backward=True, **KW)
+    loss.sum().backward()
+    plain = _run("triton", *case, weights=(1.0, 0.0, 0.0), **KW)[3]
+    torch.testing.assert_close(x.grad, plain)
+    # the gradient was written over the logits themselves (autograd then copies it into the
+    # leaf's .grad here; a non-leaf logits tensor passes it on without a copy)
+    torch.testing.assert_close(x.detach(), plain)
+    assert not torch.equal(expected, plain)  # the logp/kl terms matter in the first call
+
+
+# ---------------------------------------------------------------------------- packed batches
+def test_shift_labels_never_cross_sequences():
+    ids = torch.arange(10, 20)
+    cu = torch.tensor([0, 3, 7, 10])
+    labels = shift_labels(ids, cu)
+    expected = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected += ids[s + 1:e].tolist() + [-100]
+    assert labels.tolist() == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_loss_and_aggregations_equal_sequences_alone(backend):
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 9, 3, 7]
+    cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0))
+    ids = torch.randint(0, 400, (sum(lengths),), generator=g)
+    logits = torch.randn(sum(lengths), 400, generator=g)
+    labels = shift_labels(ids, cu)
+    mask = labels != -100
+    mask[[0, 6]] = False  # e.g. prompt tokens
+    old, ref, adv = (torch.randn(sum(lengths), generator=g) * 0.1 - 6 for _ in range(3))
+    per_token, _, _ = grpo_loss(logits, labels, old, ref, adv, mask, backend=backend, **KW)
+    per_seq, all_tokens = [], []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        lab = ids[s + 1:e]
+        loss, _, _ = grpo_loss(logits[s:e - 1], lab, old[s:e - 1], ref[s:e - 1], adv[s:e - 1], mask[s:e - 1],
+                               backend=backend, **KW)
+        torch.testing.assert_close(loss, per_token[s:e - 1])
+        keep = mask[s:e - 1]
+        per_seq.append(loss[keep].mean())
+        all_tokens.append(loss[keep])
+    flat = torch.cat(all_tokens)
+    torch.testing.assert_close(aggregate_loss(per_token, mask, mode="token-mean", cu_seqlens=cu), flat.mean())
+    torch.testing.assert_close(aggregate_loss(per_token, mask, mode="seq-mean-token-mean", cu_seqlens=cu),
+                               torch.stack(per_seq).mean())
+    torch.testing.assert_close(aggregate_loss(per_token, mask, mode="dr-grpo", cu_seqlens=cu, max_response_length=16),
+                               flat.sum() / (len(lengths) * 16))
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_input_gets_clear_errors():
+    logits, labels, old, ref, adv, mask = _case(t=4, v=100)
+    with pytest.raises(ValueError, match=r"old_logprobs must have shape \[4\]"):
+        grpo_loss(logits, labels, old[:3], ref, adv, mask)
+    with pytest.raises(ValueError, match="contiguous along the vocab"):
+        grpo_loss(logits.t().contiguous().t(), labels, old, ref, adv, mask)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 100\)"):
+        grpo_loss(logits, labels + 100, old, ref, adv, mask)
+    with pytest.raises(ValueError, match=r"logits must be \[tokens, vocab\]"):
+        token_logprobs(logits[None], labels)
+    with pytest.raises(ValueError, match="backend must be"):
+        grpo_loss(logits, labels, old, ref, adv, mask, backend="cuda")
+    with pytest.raises(ValueError, match="max_response_length"):
+        aggregate_loss(torch.ones(3), torch.ones(3), mode="dr-grpo")
+    # out-of-range labels on masked rows (e.g. -100 padding) are fine
+    bad = labels.clone()
+    bad[~mask] = -100
+    grpo_loss(logits, bad, old, ref, adv, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_in_its_token(backend):
+    logits, labels, old, ref, adv, mask = _case(t=6, v=200)
+    logits[3, 17] = float("nan")
+    loss, logp, kl, grad = _run(backend, logits, labels, old, ref, adv, mask, **KW)
+    assert torch.isnan(loss[3]) and torch.isnan(grad[3]).all()
+    others = [0, 2, 4]
+    assert torch.isfinite(loss[others]).all() and torch.isfinite(grad[others]).all()
+
+
+# ---------------------------------------------------------------------------- vocab-parallel
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocab_parallel_matches_textbook(tmp_path, tp):
+    import json
+
+    from conftest import run_torchrun
+
+    run_torchrun("dist/kernels_worker.py", tp, str(tmp_path))
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert len(results) == tp
+    for r in results:
+        for backend in ("triton", "torch"):
+            errs = r[backend]
+            assert max(errs["loss"], errs["logp"], errs["kl"], errs["token_logprobs"]) <= 1e-5, errs
+            assert errs["grad"] <= 1e-5 * max(1.0, errs["grad_scale"]), errs
+        assert "labels must lie in [0, 152064)" in r["out_of_range_error"]

@@ -1,0 +1,41 @@
+"""Independent textbook implementations (float64, whole vocabulary, a loop where it is clearer)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+
+def advantages(rewards: list[float], sizes: list[int], std, eps: float) -> list[float]:
+    out, start = [], 0
+    for n in sizes:
+        group = rewards[start:start + n]
+        mean = sum(group) / n
+        if std is None:
+            out += [r - mean for r in group]
+        else:
+            sd = 0.0 if n == 1 else (statistics.stdev(group) if std == "unbiased" else statistics.pstdev(group))
+            out += [(r - mean) / (sd + eps) for r in group]
+        start += n
+    return out
+
+
+def grpo(logits: torch.Tensor, labels, old, ref, adv, mask, *, temperature, clip_low, clip_high, kl_beta):
+    """Per-token (loss, logp, k3) from full-vocab logits in float64, differentiable."""
+    z = logits.double() / temperature
+    losses, logps, kls = [], [], []
+    for t in range(z.shape[0]):
+        if not bool(mask[t]):
+            zero = z.new_zeros(())
+            losses.append(zero); logps.append(zero); kls.append(zero)
+            continue
+        logp = z[t, int(labels[t])] - torch.logsumexp(z[t], dim=-1)
+        r = torch.exp(logp - float(old[t]))
+        a = float(adv[t])
+        pg = -torch.minimum(r * a, torch.clamp(r, 1 - clip_low, 1 + clip_high) * a)
+        d = float(ref[t]) - logp
+        k3 = torch.exp(d) - d - 1
+        losses.append(pg + kl_beta * k3); logps.append(logp); kls.append(k3)
+    return torch.stack(losses), torch.stack(logps), torch.stack(kls)
