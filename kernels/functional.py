@@ -12,6 +12,7 @@ tokens are never read, so NaN there is harmless.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -26,6 +27,9 @@ def _use_triton(backend: Backend, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
         return all(t.is_cuda for t in tensors)
+    if backend == "triton" and not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is imported (or use backend='torch')")
     return backend == "triton"
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 BLOCK_V = 4096
+NUM_WARPS = 8  # untuned: no GPU has run this yet (see kernels/bench/RESULTS.md)
 
 
 @triton.jit
@@ -85,7 +86,7 @@ def row_stats(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, te
     target = torch.empty_like(m)
     if t:
         _row_stats_kernel[(t,)](logits, logits.stride(0), labels, mask, m, s, target, v, vocab_start,
-                                1.0 / temperature, BLOCK=BLOCK_V)
+                                1.0 / temperature, BLOCK=BLOCK_V, num_warps=NUM_WARPS)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         stats = torch.stack([m, s, target])
         gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(tp_group))]
@@ -107,7 +108,7 @@ def grad_logits(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, d
     coef = (dlogp / temperature).float().contiguous()
     if t:
         _grad_logits_kernel[(t,)](logits, logits.stride(0), grad, grad.stride(0), labels, lse, coef, v,
-                                  vocab_start, 1.0 / temperature, BLOCK=BLOCK_V)
+                                  vocab_start, 1.0 / temperature, BLOCK=BLOCK_V, num_warps=NUM_WARPS)
     return grad
 
 

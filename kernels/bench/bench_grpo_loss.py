@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""GRPO loss forward+backward: our Triton kernel vs the torch reference (eager and
+torch.compile) vs Liger-Kernel's ``triton_grpo_loss``, at Qwen's vocab (152064).
+
+Reports per implementation: time (ms, fwd+bwd), peak extra memory (GiB, above the inputs), and
+achieved bandwidth as a fraction of the device's, counting the bytes a fused fwd+bwd must move
+(read the logits twice, write their gradient once). Prints a Markdown table with the device.
+
+  python kernels/bench/bench_grpo_loss.py                       # on a GPU: T in {4K, 16K, 64K}
+  python kernels/bench/bench_grpo_loss.py --tokens 64 --vocab 4096 --no-compile   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Callable
+
+import torch
+
+if not torch.cuda.is_available():  # a CPU smoke run: Triton's interpreter, chosen before import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# HBM bandwidth (bytes/s) by device name fragment; pass --peak-bw to override.
+PEAK_BW = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
+           "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.555e12}
+
+
+def device_peak_bw(name: str) -> float | None:
+    for key, bw in PEAK_BW.items():
+        if key in name:
+            return bw
+    return None
+
+
+def make_inputs(t: int, v: int, device: str, seed: int = 0):
+    """Logits have t+1 rows (the last predicts nothing), as a causal LM produces them; each
+    implementation takes the view it needs, so no one pays for a copy."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(t + 1, v, device=device, generator=g).mul_(2).to(torch.bfloat16)
+    labels = torch.randint(0, v, (t,), device=device, generator=g)
+    old = -torch.rand(t, device=device, generator=g) * 5
+    ref = old + 0.05 * torch.randn(t, device=device, generator=g)
+    adv = torch.randn(t, device=device, generator=g)
+    mask = torch.rand(t, device=device, generator=g) > 0.1
+    return logits, labels, old, ref, adv, mask
+
+
+def implementations(compile_ref: bool) -> dict[str, Callable]:
+    from megatron_vr1.kernels import grpo_loss
+
+    kw = dict(temperature=1.0, clip_low=0.2, clip_high=0.28, kl_beta=0.04)
+
+    def ours(inplace):
+        def run(logits, labels, old, ref, adv, mask):
+            loss, _, _ = grpo_loss(logits[:-1], labels, old, ref, adv, mask, backend="triton",
+                                   inplace_backward=inplace, **kw)
+            return (loss.sum() / mask.sum()).backward()
+        return run
+
+    def reference(logits, labels, old, ref, adv, mask):
+        loss, _, _ = grpo_loss(logits[:-1], labels, old, ref, adv, mask, backend="torch", **kw)
+        return (loss.sum() / mask.sum()).backward()
+
+    impls = {"triton (ours)": ours(False), "triton (ours, in-place grad)": ours(True), "torch eager": reference}
+    if compile_ref:
+        from megatron_vr1.kernels import reference as ref_mod
+
+        compiled = torch.compile(ref_mod.grpo_loss, dynamic=False)
+
+        def reference_compiled(logits, labels, old, ref, adv, mask):
+            loss, _, _ = compiled(logits[:-1], labels, old, ref, adv, mask, **kw)
+            return (loss.sum() / mask.sum()).backward()
+
+        impls["torch.compile"] = reference_compiled
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        def liger(logits, labels, old, ref, adv, mask):
+            # Liger takes [B, L+1, V] logits and one advantage per sequence (B=1 here)
+            out = triton_grpo_loss(logits[None], old[None], ref[None], labels[None], adv[:1], mask[None].contiguous(),
+                                   temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.28, inplace=True)
+            loss = out[0] if isinstance(out, tuple) else out
+            loss.sum().backward()
+
+        impls["liger triton_grpo_loss (in-place)"] = liger
+    except ImportError:
+        pass
+    return impls
+
+
+def measure(fn: Callable, inputs, iters: int, device: str) -> tuple[float, float]:
+    logits = inputs[0]
+    cuda = device == "cuda"
+    times = []
+    for i in range(iters + 1):
+        x = logits.detach().clone().requires_grad_()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        fn(x, *inputs[1:])
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first call compiles / autotunes
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
+        del x
+    times.sort()
+    return times[len(times) // 2] * 1e3, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--vocab", type=int, default=152064)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--peak-bw", type=float, default=None, help="device memory bandwidth in bytes/s")
+    opts = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (not a GPU figure)"
+    peak_bw = opts.peak_bw or (device_peak_bw(name) if device == "cuda" else None)
+    print(f"device: {name}; vocab {opts.vocab}; bf16 logits; median of {opts.iters} fwd+bwd")
+    print("| tokens | implementation | ms | peak extra GiB | GB/s | of peak bandwidth |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    impls = implementations(compile_ref=not opts.no_compile)
+    for t in opts.tokens:
+        inputs = make_inputs(t, opts.vocab, device)
+        moved = 3 * t * opts.vocab * inputs[0].element_size()  # read logits twice, write the gradient once
+        for label, fn in impls.items():
+            try:
+                ms, peak = measure(fn, inputs, opts.iters, device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"| {t} | {label} | OOM | | | |")
+                torch.cuda.empty_cache()
+                continue
+            gbs = moved / (ms / 1e3) / 1e9
+            frac = f"{moved / (ms / 1e3) / peak_bw:.0%}" if peak_bw else "n/a"
+            print(f"| {t} | {label} | {ms:.2f} | {peak:.2f} | {gbs:.0f} | {frac} |")
+        del inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
