@@ -1,0 +1,303 @@
+"""Vision-R1's data formats, read with Hugging Face ``datasets`` from local files.
+
+* cold-start SFT: ShareGPT JSON as released (``messages`` with role/content, or ``conversations``
+  with from/value; ``<image>`` placeholders; ``images``: paths relative to an image root);
+* RL: Geometry3K-style records (``problem``, ``images``, ``answer``), JSON / JSONL / parquet;
+* evaluation: MathVista / MathVerse / MM-Math-style records (``question``, ``image``, ``answer``,
+  ``choices``, ``answer_type``).
+
+Records stay on disk (Arrow, memory-mapped) and images are decoded one sample at a time. A bad
+record raises an error that names it, or, with ``skip_bad_samples``, is skipped and counted in
+``report`` — never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..models.qwen2_5_vl import Qwen25VLArgs
+from .images import ImageConfig, ImageError, load_image, process_images
+from .template import DEFAULT_SYSTEM_PROMPT, IMAGE_PLACEHOLDER, Sample, SampleError, build_sample
+
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class RecordError(ValueError):
+    """A record that cannot be used, named by file and index."""
+
+
+@dataclass
+class SkipReport:
+    """Records skipped under ``skip_bad_samples``, by reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, record: str, error: Exception) -> None:
+        reason = type(error).__name__ + ": " + str(error).split(":")[0][:80]
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(record)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        if not self.total:
+            return "no records skipped"
+        lines = [f"{self.total} record(s) skipped:"]
+        lines += [f"  {n} x {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.counts.most_common()]
+        return "\n".join(lines)
+
+
+def _json_rows(path: str, fmt: str, mtime_ns: int, size: int) -> Iterator[dict]:
+    """Rows ``{record, error, where}``: a record as (ASCII-escaped) JSON text, or why it is not one.
+
+    Errors become rows rather than exceptions so that the Arrow cache, keyed on the file's
+    path, size and mtime, replays them faithfully; the reader decides to raise or to count.
+    """
+    p = Path(path)
+    if fmt == "json":
+        try:
+            records = json.loads(p.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise RecordError(f"{p}: not a JSON array of records ({type(e).__name__}: {e})") from e
+        if not isinstance(records, list):
+            raise RecordError(f"{p}: expected a JSON array of records, got {type(records).__name__}")
+        for number, record in enumerate(records):
+            ok = isinstance(record, dict)
+            yield {"record": json.dumps(record) if ok else None, "error": None if ok else "not a JSON object",
+                   "where": f"{p.name}[{number}]"}
+        return
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{p.name}:{number}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                yield {"record": json.dumps(record), "error": None, "where": where}
+            except (UnicodeDecodeError, ValueError) as e:
+                yield {"record": None, "error": f"{type(e).__name__}: {e}", "where": where}
+
+
+def read_records(path: str | Path):
+    """Records of a .json / .jsonl / .parquet file as a ``datasets.Dataset`` (Arrow, on disk).
+
+    JSON and JSONL are read one record at a time into one JSON-text column, so records of any
+    shape stay intact, a JSONL line that is not UTF-8 or not JSON is named, and odd text inside
+    a record is reported against that record rather than failing the whole file.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    if suffix not in (".json", ".jsonl"):
+        raise RecordError(f"{path}: unknown data format {suffix!r} (use .json, .jsonl or .parquet)")
+    stat = path.stat()
+    features = datasets.Features({k: datasets.Value("string") for k in ("record", "error", "where")})
+    try:
+        return datasets.Dataset.from_generator(
+            _json_rows, features=features,
+            gen_kwargs={"path": str(path.resolve()), "fmt": suffix[1:], "mtime_ns": stat.st_mtime_ns,
+                        "size": stat.st_size})
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, RecordError):
+            raise e.__cause__ from None
+        raise
+
+
+def _record(row: dict) -> dict:
+    if set(row) == {"record", "error", "where"}:
+        if row["error"] is not None:
+            raise RecordError(row["error"])
+        return json.loads(row["record"])
+    return row
+
+
+def _image_list(record: dict) -> list[str]:
+    images = record.get("images", record.get("image"))
+    if images is None:
+        return []
+    if isinstance(images, str):
+        return [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise RecordError(f"'images' must be a path or a list of paths, got {type(images).__name__}")
+    return images
+
+
+def sft_messages(record: dict) -> tuple[list[dict], list[str]]:
+    """ShareGPT record -> (messages with role/content, image paths)."""
+    turns = record.get("messages", record.get("conversations"))
+    if not turns:
+        raise SampleError("empty conversation")
+    messages = []
+    for i, turn in enumerate(turns):
+        role = _ROLE_ALIASES.get(turn.get("role", turn.get("from")))
+        content = turn.get("content", turn.get("value"))
+        if role is None:
+            raise SampleError(f"turn {i}: unknown role {turn.get('role', turn.get('from'))!r}")
+        messages.append({"role": role, "content": content})
+    return messages, _image_list(record)
+
+
+def rl_problem(record: dict) -> tuple[str, list[str], str]:
+    """Geometry3K-style record -> (problem text with <image> placeholders, image paths, answer)."""
+    problem = record.get("problem", record.get("question", record.get("prompt")))
+    answer = record.get("answer", record.get("solution"))
+    if not isinstance(problem, str) or not problem.strip():
+        raise SampleError("record has no problem text")
+    if answer is None or str(answer).strip() == "":
+        raise SampleError("record has no answer")
+    images = _image_list(record)
+    if images and IMAGE_PLACEHOLDER not in problem:
+        problem = IMAGE_PLACEHOLDER * len(images) + problem
+    return problem, images, str(answer)
+
+
+def eval_record(record: dict) -> dict:
+    """MathVista / MathVerse / MM-Math-style record -> normalised fields."""
+    question = record.get("question", record.get("query", record.get("problem")))
+    if not isinstance(question, str) or not question.strip():
+        raise SampleError("record has no question")
+    answer = record.get("answer")
+    if answer is None:
+        raise SampleError("record has no answer")
+    choices = record.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        raise SampleError(f"'choices' must be a list, got {type(choices).__name__}")
+    answer_type = record.get("answer_type", record.get("question_type", "multi_choice" if choices else "free_form"))
+    return {"id": str(record.get("id", record.get("pid", ""))), "question": question, "images": _image_list(record),
+            "answer": str(answer), "choices": choices, "answer_type": answer_type}
+
+
+class _RecordSource:
+    """Iterates records, turning per-record failures into named errors or counted skips."""
+
+    def __init__(self, path: str | Path, image_root: str | Path | None, skip_bad_samples: bool) -> None:
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.skip_bad_samples = skip_bad_samples
+        self.report = SkipReport()
+        self.records = read_records(self.path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _each(self, build) -> Iterator[Any]:
+        for index, row in enumerate(self.records):
+            name = row.get("where") or f"{self.path.name}[{index}]"
+            try:
+                record = _record(row)
+                if "id" in record:
+                    name += f" (id {record['id']})"
+                yield build(record)
+            except (SampleError, ImageError, RecordError) as e:
+                if not self.skip_bad_samples:
+                    raise type(e)(f"{name}: {e}") from e
+                self.report.add(name, e)
+
+    def _images(self, paths: list[str]):
+        return [load_image(p, self.image_root) for p in paths]
+
+
+class SFTDataset(_RecordSource):
+    """Cold-start SFT samples (ids, loss mask, position ids, images), one record at a time."""
+
+    def __init__(self, path, tokenizer, args: Qwen25VLArgs, *, image_root=None, max_tokens: int = 16384,
+                 image_cfg: ImageConfig = ImageConfig(), system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
+                 skip_bad_samples: bool = False) -> None:
+        super().__init__(path, image_root, skip_bad_samples)
+        self.tokenizer, self.args, self.max_tokens = tokenizer, args, max_tokens
+        self.image_cfg, self.system_prompt = image_cfg, system_prompt
+
+    def build(self, record: dict) -> Sample:
+        messages, paths = sft_messages(record)
+        pixel_values, grid = process_images(self._images(paths), self.image_cfg)
+        sample = build_sample(self.tokenizer, self.args, messages, pixel_values, grid, image_cfg=self.image_cfg,
+                              system_prompt=self.system_prompt)
+        if len(sample) > self.max_tokens:
+            raise SampleError(f"sample of {len(sample)} tokens exceeds max_tokens={self.max_tokens}")
+        if not sample.loss_mask.any():
+            raise SampleError("conversation has no assistant reply to train on")
+        return sample
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self._each(self.build)
+
+
+@dataclass
+class Prompt:
+    """An RL / evaluation prompt, ready for the rollout engine and the reward."""
+
+    id: str
+    sample: Sample  # prompt tokens (ending with the assistant header), images, position ids
+    answer: str
+    extra: dict = field(default_factory=dict)
+
+
+class RLDataset(_RecordSource):
+    """RL prompts (no system prompt, as Vision-R1 trains) with their ground-truth answers."""
+
+    def __init__(self, path, tokenizer, args: Qwen25VLArgs, *, image_root=None, max_prompt_tokens: int = 4096,
+                 image_cfg: ImageConfig = ImageConfig(), system_prompt: Optional[str] = None,
+                 skip_bad_samples: bool = False) -> None:
+        super().__init__(path, image_root, skip_bad_samples)
+        self.tokenizer, self.args, self.max_prompt_tokens = tokenizer, args, max_prompt_tokens
+        self.image_cfg, self.system_prompt = image_cfg, system_prompt
+
+    def build(self, record: dict) -> Prompt:
+        problem, paths, answer = rl_problem(record)
+        return self._prompt(str(record.get("id", "")), problem, paths, answer, {})
+
+    def _prompt(self, rid: str, text: str, paths: list[str], answer: str, extra: dict) -> Prompt:
+        pixel_values, grid = process_images(self._images(paths), self.image_cfg)
+        sample = build_sample(self.tokenizer, self.args, [{"role": "user", "content": text}], pixel_values, grid,
+                              image_cfg=self.image_cfg, system_prompt=self.system_prompt, add_generation_prompt=True)
+        if len(sample) > self.max_prompt_tokens:
+            raise SampleError(f"prompt of {len(sample)} tokens exceeds max_prompt_tokens={self.max_prompt_tokens}")
+        return Prompt(rid, sample, answer, extra)
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return self._each(self.build)
+
+
+class EvalDataset(RLDataset):
+    """Benchmark prompts; multiple-choice options are listed under the question."""
+
+    def build(self, record: dict) -> Prompt:
+        fields = eval_record(record)
+        text = fields["question"]
+        if fields["choices"]:
+            text += "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(fields["choices"]))
+        if fields["images"] and IMAGE_PLACEHOLDER not in text:
+            text = IMAGE_PLACEHOLDER * len(fields["images"]) + text
+        return self._prompt(fields["id"], text, fields["images"], fields["answer"],
+                            {"choices": fields["choices"], "answer_type": fields["answer_type"]})
+
+
+def collate_padded(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch for the model: input_ids, attention_mask, position_ids, images."""
+    s = max(len(x) for x in samples)
+    ids = torch.full((len(samples), s), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(samples), s, dtype=torch.long)
+    pos = torch.ones(3, len(samples), s, dtype=torch.long)
+    for i, x in enumerate(samples):
+        ids[i, : len(x)], attn[i, : len(x)], pos[:, i, : len(x)] = x.input_ids, 1, x.position_ids
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": pos,
+            "pixel_values": torch.cat([x.pixel_values for x in samples]),
+            "image_grid_thw": torch.cat([x.image_grid_thw for x in samples])}
