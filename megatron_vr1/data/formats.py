@@ -25,6 +25,7 @@ from ..models.qwen2_5_vl import Qwen25VLArgs
 from .images import ImageConfig, ImageError, load_image, process_images
 from .template import DEFAULT_SYSTEM_PROMPT, IMAGE_PLACEHOLDER, Sample, SampleError, build_sample
 
+_DEFAULT = object()  # "use the dataset kind's default system prompt"
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -186,14 +187,29 @@ def eval_record(record: dict) -> dict:
 
 
 class _RecordSource:
-    """Iterates records, turning per-record failures into named errors or counted skips."""
+    """Records of one file turned into samples; per-record failures become named errors or
+    counted skips. ``image_root`` defaults to the data file's folder."""
 
-    def __init__(self, path: str | Path, image_root: str | Path | None, skip_bad_samples: bool) -> None:
+    default_max_tokens = 16384
+    default_system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
+
+    def __init__(self, path: str | Path, tokenizer, args: Qwen25VLArgs, *, image_root: str | Path | None = None,
+                 max_tokens: Optional[int] = None, image_cfg: ImageConfig = ImageConfig(),
+                 system_prompt: Optional[str] = _DEFAULT, skip_bad_samples: bool = False) -> None:
         self.path = Path(path)
+        self.tokenizer, self.args, self.image_cfg = tokenizer, args, image_cfg
+        self.max_tokens = max_tokens or self.default_max_tokens
+        self.system_prompt = self.default_system_prompt if system_prompt is _DEFAULT else system_prompt
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.skip_bad_samples = skip_bad_samples
         self.report = SkipReport()
         self.records = read_records(self.path)
+
+    def build(self, record: dict):
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator:
+        return self._each(self.build)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -218,13 +234,6 @@ class _RecordSource:
 class SFTDataset(_RecordSource):
     """Cold-start SFT samples (ids, loss mask, position ids, images), one record at a time."""
 
-    def __init__(self, path, tokenizer, args: Qwen25VLArgs, *, image_root=None, max_tokens: int = 16384,
-                 image_cfg: ImageConfig = ImageConfig(), system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
-                 skip_bad_samples: bool = False) -> None:
-        super().__init__(path, image_root, skip_bad_samples)
-        self.tokenizer, self.args, self.max_tokens = tokenizer, args, max_tokens
-        self.image_cfg, self.system_prompt = image_cfg, system_prompt
-
     def build(self, record: dict) -> Sample:
         messages, paths = sft_messages(record)
         pixel_values, grid = process_images(self._images(paths), self.image_cfg)
@@ -235,9 +244,6 @@ class SFTDataset(_RecordSource):
         if not sample.loss_mask.any():
             raise SampleError("conversation has no assistant reply to train on")
         return sample
-
-    def __iter__(self) -> Iterator[Sample]:
-        return self._each(self.build)
 
 
 @dataclass
@@ -251,14 +257,11 @@ class Prompt:
 
 
 class RLDataset(_RecordSource):
-    """RL prompts (no system prompt, as Vision-R1 trains) with their ground-truth answers."""
+    """RL prompts (no system prompt, as Vision-R1 trains) with their ground-truth answers;
+    ``max_tokens`` bounds the prompt."""
 
-    def __init__(self, path, tokenizer, args: Qwen25VLArgs, *, image_root=None, max_prompt_tokens: int = 4096,
-                 image_cfg: ImageConfig = ImageConfig(), system_prompt: Optional[str] = None,
-                 skip_bad_samples: bool = False) -> None:
-        super().__init__(path, image_root, skip_bad_samples)
-        self.tokenizer, self.args, self.max_prompt_tokens = tokenizer, args, max_prompt_tokens
-        self.image_cfg, self.system_prompt = image_cfg, system_prompt
+    default_max_tokens = 4096
+    default_system_prompt = None
 
     def build(self, record: dict) -> Prompt:
         problem, paths, answer = rl_problem(record)
@@ -268,12 +271,9 @@ class RLDataset(_RecordSource):
         pixel_values, grid = process_images(self._images(paths), self.image_cfg)
         sample = build_sample(self.tokenizer, self.args, [{"role": "user", "content": text}], pixel_values, grid,
                               image_cfg=self.image_cfg, system_prompt=self.system_prompt, add_generation_prompt=True)
-        if len(sample) > self.max_prompt_tokens:
-            raise SampleError(f"prompt of {len(sample)} tokens exceeds max_prompt_tokens={self.max_prompt_tokens}")
+        if len(sample) > self.max_tokens:
+            raise SampleError(f"prompt of {len(sample)} tokens exceeds max_tokens={self.max_tokens}")
         return Prompt(rid, sample, answer, extra)
-
-    def __iter__(self) -> Iterator[Prompt]:
-        return self._each(self.build)
 
 
 class EvalDataset(RLDataset):
