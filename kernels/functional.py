@@ -59,14 +59,28 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[tor
             raise ValueError(f"labels must lie in [0, {vocab}) ({where}); got values in [{lo}, {hi}]")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: Union[int, torch.Tensor], *,
-                     std: Optional[str] = "unbiased", eps: float = 1e-6, backend: Backend = "auto") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: Union[int, torch.Tensor, None] = None, *,
+                     group_ids: Optional[torch.Tensor] = None, std: Optional[str] = "unbiased", eps: float = 1e-6,
+                     backend: Backend = "auto") -> torch.Tensor:
     """GRPO advantages ``(r - mean_g) / (std_g + eps)`` per group of rollouts, fp32, shape of ``rewards``.
 
-    ``group_size``: an int (consecutive groups of that size) or a tensor of group sizes in order
-    (groups of different sizes, e.g. after filtering). ``std``: ``"unbiased"`` (n-1),
-    ``"population"`` (n), or ``None`` for Dr.GRPO (no division). Groups of one get 0.
+    Groups are given by ``group_size``, an int (consecutive groups of that size) or a tensor of
+    group sizes in order (groups of different sizes, e.g. after filtering), or by ``group_ids``
+    (one id per reward, in any order). ``std``: ``"unbiased"`` (n-1), ``"population"`` (n), or
+    ``None`` for Dr.GRPO (no division). Groups of one get 0.
     """
+    if group_ids is not None:
+        if group_size is not None:
+            raise ValueError("give group_size or group_ids, not both")
+        if group_ids.shape != rewards.shape:
+            raise ValueError(f"group_ids must have the shape of rewards {list(rewards.shape)}, got {list(group_ids.shape)}")
+        order = torch.argsort(group_ids, stable=True)
+        sizes = torch.unique_consecutive(group_ids[order], return_counts=True)[1]
+        out = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+        out[order] = group_advantages(rewards[order], sizes, std=std, eps=eps, backend=backend)
+        return out
+    if group_size is None:
+        raise ValueError("give group_size or group_ids")
     if std not in reference.STD_MODES:
         raise ValueError(f"std must be 'unbiased', 'population' or None, got {std!r}")
     if rewards.dim() != 1:

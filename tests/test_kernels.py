@@ -271,3 +271,17 @@ def test_benchmark_script_runs(tmp_path):
     assert "CPU (not a GPU figure)" in proc.stdout
     for name in ("triton (ours)", "triton (ours, in-place grad)", "torch eager"):
         assert f"| 32 | {name} |" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_advantages_by_group_ids_in_any_order(backend):
+    g = torch.Generator().manual_seed(5)
+    sizes = [4, 1, 6, 3]
+    rewards = torch.randn(sum(sizes), generator=g)
+    ids = torch.repeat_interleave(torch.tensor([7, 2, 9, 4]), torch.tensor(sizes))
+    perm = torch.randperm(len(ids), generator=g)
+    ours = group_advantages(rewards[perm], group_ids=ids[perm], std="population", backend=backend)
+    expected = torch.tensor(textbook.advantages(rewards.tolist(), sizes, "population", 1e-6))
+    torch.testing.assert_close(ours, expected[perm], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        group_advantages(rewards, 4, group_ids=ids)
