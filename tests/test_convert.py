@@ -148,3 +148,18 @@ def test_cli_help_and_end_to_end(tmp_path):
     assert "max |logit difference|" in proc.stdout
     proc = subprocess.run([sys.executable, script, *steps[0]], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "exists and is not empty" in proc.stderr
+
+
+def test_reads_the_nested_transformers_key_layout(tmp_path):
+    """Checkpoints re-saved by transformers 4.52-4.x use model.language_model.* / model.visual.*."""
+    hf_dir = _save_hf(tmp_path / "hf")
+    published = load_file(str(hf_dir / "model.safetensors"))
+    nested = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
+               "model.visual." + k[len("visual."):] if k.startswith("visual.") else k): v for k, v in published.items()}
+    assert any(k.startswith("model.language_model.") for k in nested) and any(k.startswith("model.visual.") for k in nested)
+    save_file(nested, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_mcore(hf_dir, tmp_path / "mcore", dtype="fp32")
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
+    back = load_file(str(next((tmp_path / "back").glob("*.safetensors"))))
+    assert set(back) == set(published)  # written in the published layout
+    assert all(torch.equal(back[k], published[k]) for k in published)
