@@ -103,7 +103,7 @@ class _StreamingStrategy(SaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         regions: dict[tuple[str, tuple[int, ...]], tuple[str, int, tuple[int, ...]]] = {}
-        for key, shards in sharded_state_dict.items():
+        for shards in sharded_state_dict.values():
             for sh in shards:
                 if isinstance(sh, ShardedTensor):
                     off = tuple(sh.global_offset)

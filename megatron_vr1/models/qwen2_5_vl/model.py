@@ -107,7 +107,7 @@ class Qwen25VLModel(MegatronModule):
     def __init__(
         self,
         args: Qwen25VLArgs,
-        layout: ParallelLayout = ParallelLayout(),
+        layout: Optional[ParallelLayout] = None,
         *,
         pre_process: bool = True,
         post_process: bool = True,
@@ -117,6 +117,7 @@ class Qwen25VLModel(MegatronModule):
         config_overrides: Optional[dict] = None,
         padded_vocab_size: Optional[int] = None,
     ) -> None:
+        layout = layout or ParallelLayout()
         args.check_parallel(layout.tensor_parallel, layout.pipeline_parallel,
                             layout.num_layers_in_first_pipeline_stage)
         self.backend = resolve_backend(backend)
