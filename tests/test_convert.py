@@ -55,10 +55,11 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, tied):
     assert verify(tmp_path / "back", tmp_path / "mcore") <= 1e-4
 
 
-def test_checkpoint_loads_at_tp2_pp2_exports_and_resaves(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_checkpoint_loads_at_tp2_pp2_exports_and_resaves(tmp_path, tied):
     """Converted for TP=1, loaded at TP=2 x PP=2 (4 ranks): logits match transformers, the rollout
     export gives every HF tensor bit-exact, and the trainers' re-save converts back exactly."""
-    hf_dir = _save_hf(tmp_path / "hf")
+    hf_dir = _save_hf(tmp_path / "hf", tied)
     hf_to_mcore(hf_dir, tmp_path / "mcore", dtype="fp32")
     run_torchrun("dist/ckpt_worker.py", 4, "--hf", str(hf_dir), "--mcore", str(tmp_path / "mcore"),
                  "--resave", str(tmp_path / "resaved"), "--out", str(tmp_path / "results"),
