@@ -71,7 +71,3 @@ def iter_hf_weights(model: torch.nn.Module, bucket_bytes: int = 512 << 20) -> It
     if bucket:
         yield bucket
 
-
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model as one HF state dict (published key layout) on every rank."""
-    return {name: t for bucket in iter_hf_weights(model) for name, t in bucket}
