@@ -117,10 +117,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
         lse, target = row_stats(logits, labels, mask.to(torch.int8).contiguous(), temperature, tp_group)
         return torch.where(mask.bool(), target - lse, 0.0)
-    out = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-    rows = mask.bool().nonzero()[:, 0]
-    return out.index_put((rows,), reference.token_logprobs(logits[rows], labels[rows], temperature=temperature,
-                                                           tp_group=tp_group))
+    return reference.masked_token_logprobs(logits, labels, mask, temperature=temperature, tp_group=tp_group)
 
 
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

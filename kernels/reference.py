@@ -76,16 +76,23 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     return target - lse
 
 
+def masked_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
+                          temperature: float = 1.0, tp_group=None) -> torch.Tensor:
+    """:func:`token_logprobs` of the rows on ``mask``, 0 elsewhere; masked rows are never read,
+    so NaN (or an out-of-range label) there cannot leak."""
+    rows = mask.bool().nonzero()[:, 0]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    return out.index_put((rows,), token_logprobs(logits[rows], labels[rows], temperature=temperature,
+                                                 tp_group=tp_group))
+
+
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
               clip_high: float = 0.2, kl_beta: float = 0.0, tp_group=None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (loss, logp, k3) in fp32; masked tokens give 0 and no gradient."""
     keep = mask.bool()
-    rows = keep.nonzero()[:, 0]  # masked rows are never read, so NaN there cannot leak
-    logp = torch.zeros(keep.shape, dtype=torch.float32, device=logits.device)
-    logp = logp.index_put((rows,), token_logprobs(logits[rows], labels[rows], temperature=temperature,
-                                                  tp_group=tp_group))
+    logp = masked_token_logprobs(logits, labels, keep, temperature=temperature, tp_group=tp_group)
     adv = advantages.float()
     ratio = torch.exp(logp - old_logprobs.float())
     pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)

@@ -17,6 +17,7 @@ import torch
 from .. import platform
 from ..models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs, build_model
 from ..models.qwen2_5_vl.hf_mapping import VocabSplit, iter_model_mappings, param_mappings
+from ..models.qwen2_5_vl.parallel import META_BUILD_OVERRIDES
 from .hf_files import (CheckpointError, HFCheckpointReader, atomic_dir, check_tensors, copy_side_files,
                        write_safetensors_shards)
 from .megatron_files import checkpoint_param_shapes, iter_checkpoint_params, load_model, read_metadata, save_streaming, write_metadata
@@ -58,7 +59,7 @@ def expected_hf_shapes(args: Qwen25VLArgs) -> dict[str, tuple[int, ...]]:
 def _meta_model(args: Qwen25VLArgs, dtype: torch.dtype, padded_vocab: int):
     with torch.device("meta"):
         return build_model(args, ParallelLayout(), backend="local", dtype=dtype,
-                           config_overrides={"use_cpu_initialization": True}, padded_vocab_size=padded_vocab)
+                           config_overrides=META_BUILD_OVERRIDES, padded_vocab_size=padded_vocab)
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,

@@ -32,7 +32,7 @@ class ParallelLayout:
 
 # Meta builds must not allocate on a GPU: megatron-core's CPU initialisation path honours
 # the meta device context, its GPU path names a device explicitly.
-_META = {"use_cpu_initialization": True}
+META_BUILD_OVERRIDES = {"use_cpu_initialization": True}
 
 
 @contextmanager
@@ -69,7 +69,7 @@ def meta_stage(args, layout: ParallelLayout, rank: int, dtype: torch.dtype = tor
     from .model import build_model
 
     with fake_rank(layout, rank), torch.device("meta"):
-        yield build_model(args, layout, backend="local", dtype=dtype, config_overrides=_META)
+        yield build_model(args, layout, backend="local", dtype=dtype, config_overrides=META_BUILD_OVERRIDES)
 
 
 def parameter_counts_by_rank(args, layout: ParallelLayout, dtype: torch.dtype = torch.bfloat16) -> list[int]:
