@@ -113,7 +113,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     else:
         _check_rows("mask", mask, logits.shape[0])
     if _use_triton(backend, logits):
-        from .grpo_loss import row_stats
+        from .fused_grpo_loss import row_stats
 
         lse, target = row_stats(logits, labels, mask.to(torch.int8).contiguous(), temperature, tp_group)
         return torch.where(mask.bool(), target - lse, 0.0)
@@ -137,7 +137,7 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
                     ("mask", mask)):
         _check_rows(name, t, logits.shape[0])
     if _use_triton(backend, logits):
-        from .grpo_loss import GRPOLossFunction
+        from .fused_grpo_loss import GRPOLossFunction
 
         return GRPOLossFunction.apply(logits, labels.contiguous(), old_logprobs, ref_logprobs, advantages,
                                       mask.to(torch.int8).contiguous(), temperature, clip_low, clip_high, kl_beta,

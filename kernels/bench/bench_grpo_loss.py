@@ -7,6 +7,7 @@ achieved bandwidth as a fraction of the device's, counting the bytes a fused fwd
 (read the logits twice, write their gradient once). Prints a Markdown table with the device.
 
   python kernels/bench/bench_grpo_loss.py                       # on a GPU: T in {4K, 16K, 64K}
+  python kernels/bench/bench_grpo_loss.py --configs 2048x4 4096x8 8192x16   # tune block x warps
   python kernels/bench/bench_grpo_loss.py --tokens 64 --vocab 4096 --no-compile   # CPU smoke run
 """
 
@@ -47,13 +48,15 @@ def make_inputs(t: int, v: int, device: str, seed: int = 0):
     return logits, labels, old, ref, adv, mask
 
 
-def implementations(compile_ref: bool) -> dict[str, Callable]:
-    from megatron_vr1.kernels import grpo_loss
+def implementations(compile_ref: bool, configs: list[tuple[int, int]]) -> dict[str, Callable]:
+    from megatron_vr1.kernels import fused_grpo_loss, grpo_loss
 
     kw = dict(temperature=1.0, clip_low=0.2, clip_high=0.28, kl_beta=0.04)
 
-    def ours(inplace):
+    def ours(inplace, block, warps):
         def run(logits, labels, old, ref, adv, mask):
+            # the kernel wrappers read the launch config at call time
+            fused_grpo_loss.BLOCK_V, fused_grpo_loss.NUM_WARPS = block, warps
             loss, _, _ = grpo_loss(logits[:-1], labels, old, ref, adv, mask, backend="triton",
                                    inplace_backward=inplace, **kw)
             return (loss.sum() / mask.sum()).backward()
@@ -63,7 +66,12 @@ def implementations(compile_ref: bool) -> dict[str, Callable]:
         loss, _, _ = grpo_loss(logits[:-1], labels, old, ref, adv, mask, backend="torch", **kw)
         return (loss.sum() / mask.sum()).backward()
 
-    impls = {"triton (ours)": ours(False), "triton (ours, in-place grad)": ours(True), "torch eager": reference}
+    impls = {}
+    for block, warps in configs:
+        tag = "" if len(configs) == 1 else f" {block}x{warps}"
+        impls[f"triton (ours{tag})"] = ours(False, block, warps)
+        impls[f"triton (ours{tag}, in-place grad)"] = ours(True, block, warps)
+    impls["torch eager"] = reference
     if compile_ref:
         from megatron_vr1.kernels import reference as ref_mod
 
@@ -118,6 +126,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=152064)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="BLOCKxWARPS",
+                        help="launch configs of our kernel to compare (default: the shipped one)")
     parser.add_argument("--peak-bw", type=float, default=None, help="device memory bandwidth in bytes/s")
     opts = parser.parse_args()
 
@@ -127,7 +137,11 @@ def main() -> None:
     print(f"device: {name}; vocab {opts.vocab}; bf16 logits; median of {opts.iters} fwd+bwd")
     print("| tokens | implementation | ms | peak extra GiB | GB/s | of peak bandwidth |")
     print("| --- | --- | --- | --- | --- | --- |")
-    impls = implementations(compile_ref=not opts.no_compile)
+    from megatron_vr1.kernels import fused_grpo_loss
+
+    configs = [tuple(int(x) for x in c.split("x")) for c in opts.configs] if opts.configs else \
+        [(fused_grpo_loss.BLOCK_V, fused_grpo_loss.NUM_WARPS)]
+    impls = implementations(not opts.no_compile, configs)
     for t in opts.tokens:
         inputs = make_inputs(t, opts.vocab, device)
         moved = 3 * t * opts.vocab * inputs[0].element_size()  # read logits twice, write the gradient once

@@ -45,10 +45,16 @@ def main() -> None:
 
     result = {"tp": tp}
     for backend in ("triton", "torch"):
-        shard = full[:, cols].contiguous().requires_grad_()
-        loss, lp, kl = grpo_loss(shard, labels, old, ref, adv, mask, tp_group=group, backend=backend, **kw)
+        # the Triton path runs compiled on a GPU where there is one (gloo all-gathers CUDA tensors
+        # too), else in the interpreter; results come back to CPU
+        device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+        on = [x.to(device) for x in (labels, old, ref, adv, mask)]
+        shard = full[:, cols].to(device).contiguous().requires_grad_()
+        loss, lp, kl = (x.cpu() for x in grpo_loss(shard, *on, tp_group=group, backend=backend, **kw))
         (loss.sum() + 0.3 * lp.sum() + 0.2 * kl.sum()).backward()
-        nograd = token_logprobs(full[:, cols].contiguous(), labels, temperature=0.7, tp_group=group, backend=backend)
+        shard_grad = shard.grad.cpu()
+        nograd = token_logprobs(full[:, cols].to(device).contiguous(), on[0], temperature=0.7, tp_group=group,
+                                backend=backend).cpu()
         keep = mask
         def rel(a, b):  # |a - b| / max(1, |b|): fp32 round-off of the e^25 ratio row stays relative
             return ((a.double() - b) / b.abs().clamp(min=1)).abs().max().item()
@@ -57,7 +63,7 @@ def main() -> None:
             "loss": rel(loss, e_loss),
             "logp": rel(lp, e_logp),
             "kl": rel(kl, e_kl),
-            "grad": (shard.grad.double() - expected_grad).abs().max().item(),
+            "grad": (shard_grad.double() - expected_grad).abs().max().item(),
             "grad_scale": expected_grad.abs().max().item(),
             "token_logprobs": rel(nograd[keep], e_logp[keep]),
         }
