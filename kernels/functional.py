@@ -49,11 +49,13 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[tor
     _check_rows("labels", labels, logits.shape[0])
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
-    used = labels if mask is None else labels[mask.bool()]
-    if used.numel():
+    if labels.numel():
         shards = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
         vocab = logits.shape[1] * shards
-        lo, hi = int(used.min()), int(used.max())
+        # masked rows may hold anything (e.g. -100); one host sync reads both ends of the rest
+        used = labels if mask is None else torch.where(mask.bool(), labels, 0)
+        lo, hi = torch.aminmax(used)
+        lo, hi = torch.stack([lo, hi]).tolist()
         if lo < 0 or hi >= vocab:
             where = f"the {shards} vocab shards of {logits.shape[1]}" if tp_group is not None else "the vocab"
             raise ValueError(f"labels must lie in [0, {vocab}) ({where}); got values in [{lo}, {hi}]")

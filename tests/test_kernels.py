@@ -182,6 +182,49 @@ def test_inplace_backward_reuses_the_logits_storage():
     assert not torch.equal(expected, plain)  # the logp/kl terms matter in the first call
 
 
+_ROWS_PAST_2_31 = """
+import os, sys, torch
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+if dev == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+from megatron_vr1.kernels import grpo_loss, token_logprobs
+V, stride = 1000, 2**30 + 8  # the stride fits int32, but row 2 starts past 2^31 elements
+try:  # 4.3 GB; on CPU only address space: only the three rows' pages are ever touched
+    storage = torch.empty(2 * stride + V, dtype=torch.bfloat16, device=dev)
+except (RuntimeError, torch.OutOfMemoryError):
+    sys.exit(3)
+logits = storage.as_strided((3, V), (stride, 1))
+logits.copy_((torch.randn(3, V, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16))
+labels = torch.tensor([5, 7, 9], device=dev)
+z = logits.float()
+expected = torch.log_softmax(z, -1)[[0, 1, 2], labels]
+torch.testing.assert_close(token_logprobs(logits, labels, backend="triton"), expected)
+grad = torch.softmax(z, -1).neg().index_put_((torch.arange(3, device=dev), labels), torch.tensor(1.0, device=dev),
+                                              accumulate=True)
+for inplace in (False, True):  # in place, the gradient's rows sit past 2^31 elements too
+    x = logits.detach().clone() if not inplace else logits.detach()
+    x = x.as_strided((3, V), (stride, 1)) if inplace else x
+    x.requires_grad_()
+    loss, logp, _ = grpo_loss(x, labels, expected, expected, torch.ones(3, device=dev),
+                              torch.ones(3, dtype=torch.bool, device=dev), backend="triton", inplace_backward=inplace)
+    logp.sum().backward()
+    torch.testing.assert_close(x.grad.float(), grad, rtol=2e-2, atol=2e-3)
+print("ok")
+"""
+
+
+def test_rows_past_2_31_elements_use_int64_offsets():
+    """Row offsets are int64: with int32 ones, row 2 of a [3, V] view strided 2^30 wraps (and
+    crashes or reads garbage). Runs in its own process so a crash fails this test alone."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ROWS_PAST_2_31], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip("this machine refuses the 4.3 GB the view spans")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-3000:])
+
+
 # ---------------------------------------------------------------------------- packed batches
 def test_shift_labels_never_cross_sequences():
     ids = torch.arange(10, 20)
