@@ -38,7 +38,10 @@ def _check_rows(name: str, t: torch.Tensor, rows: int) -> None:
         raise ValueError(f"{name} must have shape [{rows}] (one value per logits row), got {list(t.shape)}")
 
 
-def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor], tp_group) -> None:
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor], tp_group,
+                  temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [tokens, vocab], got shape {list(logits.shape)}")
     if logits.stride(-1) != 1:
@@ -47,6 +50,8 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[tor
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits must be fp32, bf16 or fp16, got {logits.dtype}")
     _check_rows("labels", labels, logits.shape[0])
+    if mask is not None:
+        _check_rows("mask", mask, logits.shape[0])
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
     if labels.numel():
@@ -59,6 +64,12 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[tor
         if lo < 0 or hi >= vocab:
             where = f"the {shards} vocab shards of {logits.shape[1]}" if tp_group is not None else "the vocab"
             raise ValueError(f"labels must lie in [0, {vocab}) ({where}); got values in [{lo}, {hi}]")
+
+
+def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Any nonzero entry keeps its token, as ``mask.bool()`` reads it on the torch path (a
+    plain cast to int8 would drop 0.5 and wrap 256 to 0)."""
+    return mask.bool().to(torch.int8).contiguous()
 
 
 def group_advantages(rewards: torch.Tensor, group_size: Union[int, torch.Tensor, None] = None, *,
@@ -96,6 +107,8 @@ def group_advantages(rewards: torch.Tensor, group_size: Union[int, torch.Tensor,
         if (sizes < 1).any() or int(sizes.sum()) != rewards.numel():
             raise ValueError(f"group sizes must be >= 1 and sum to {rewards.numel()}, got sum {int(sizes.sum())}")
     offsets = torch.nn.functional.pad(sizes.cumsum(0), (1, 0)).to(rewards.device)
+    if not rewards.numel():  # e.g. a rank whose groups were all filtered out
+        return torch.empty(0, dtype=torch.float32, device=rewards.device)
     if _use_triton(backend, rewards):
         from .group_advantage import group_advantages_triton
 
@@ -109,15 +122,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     """``log softmax(logits / T)[labels]`` per row, fp32 ``[T]``, without gradient (old and
     reference policies). With ``tp_group`` the logits are this rank's vocab shard and labels
     are global ids. Rows off ``mask`` (if given) are skipped and give 0."""
-    _check_logits(logits, labels, mask, tp_group)
+    _check_logits(logits, labels, mask, tp_group, temperature)
     if mask is None:
         mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    else:
-        _check_rows("mask", mask, logits.shape[0])
     if _use_triton(backend, logits):
         from .fused_grpo_loss import row_stats
 
-        lse, target = row_stats(logits, labels, mask.to(torch.int8).contiguous(), temperature, tp_group)
+        lse, target = row_stats(logits, labels.contiguous(), _kernel_mask(mask), temperature, tp_group)
         return torch.where(mask.bool(), target - lse, 0.0)
     return reference.masked_token_logprobs(logits, labels, mask, temperature=temperature, tp_group=tp_group)
 
@@ -134,15 +145,15 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
     respect to ``logits`` (all three outputs). ``inplace_backward`` writes the gradient into the
     logits' own storage (saves a logits-sized buffer; the logits must not be used afterwards).
     """
-    _check_logits(logits, labels, mask, tp_group)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("advantages", advantages),
                     ("mask", mask)):
         _check_rows(name, t, logits.shape[0])
+    _check_logits(logits, labels, mask, tp_group, temperature)
     if _use_triton(backend, logits):
         from .fused_grpo_loss import GRPOLossFunction
 
         return GRPOLossFunction.apply(logits, labels.contiguous(), old_logprobs, ref_logprobs, advantages,
-                                      mask.to(torch.int8).contiguous(), temperature, clip_low, clip_high, kl_beta,
+                                      _kernel_mask(mask), temperature, clip_low, clip_high, kl_beta,
                                       tp_group, inplace_backward)
     return reference.grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask, temperature=temperature,
                                clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta, tp_group=tp_group)

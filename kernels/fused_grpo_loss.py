@@ -42,7 +42,10 @@ def _row_stats_kernel(logits_ptr, stride_row, labels_ptr, mask_ptr, max_ptr, sum
             # columns past V load as -inf: they must add exp(-inf) = 0 to the sum, not exp(0)
             z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
             m_new = tl.maximum(m, tl.max(z, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            # while every logit so far is -inf (banned ids, a masked shard), shift by 0, not by
+            # -inf: exp(-inf - -inf) would make the sum NaN; s stays 0 and m stays -inf
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
             m = m_new
         label = tl.load(labels_ptr + row).to(tl.int64) - vocab_start
         in_shard = (label >= 0) & (label < V)
@@ -116,17 +119,20 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, old_logprobs, ref_logprobs, advantages, mask, temperature, clip_low,
                 clip_high, kl_beta, tp_group, inplace_backward):
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not 0 * (a maybe-inf factor)
         keep = mask.bool()
         lse, target = row_stats(logits, labels, mask, temperature, tp_group)
         logp = torch.where(keep, target - lse, 0.0)
         adv = advantages.float()
         ratio = torch.exp(logp - old_logprobs.float())
-        unclipped = ratio * adv
+        # A = 0 carries no signal: its loss and gradient are 0 even where the ratio overflows
+        unclipped = torch.where(adv == 0, 0.0, ratio * adv)
         clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
         pg = -torch.minimum(unclipped, clipped)
         exp_delta = torch.exp(ref_logprobs.float() - logp)
         k3 = exp_delta - (ref_logprobs.float() - logp) - 1
-        loss = torch.where(keep, pg + kl_beta * k3, 0.0)
+        # kl_beta = 0 switches the KL term off: an overflowing k3 must not turn 0 * inf into NaN
+        loss = torch.where(keep, pg + kl_beta * k3 if kl_beta else pg, 0.0)
         k3 = torch.where(keep, k3, 0.0)
         # d(pg)/d(logp): -A*r unless the clipped branch is the smaller one (then 0)
         clip_active = ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))
@@ -141,7 +147,7 @@ class GRPOLossFunction(torch.autograd.Function):
         logits, labels, lse, keep, dpg, dk3 = ctx.saved_tensors
         dlogp = torch.zeros_like(lse)
         if g_loss is not None:
-            dlogp = dlogp + g_loss.float() * (dpg + ctx.kl_beta * dk3)
+            dlogp = dlogp + g_loss.float() * (dpg + ctx.kl_beta * dk3 if ctx.kl_beta else dpg)
         if g_logp is not None:
             dlogp = dlogp + g_logp.float()
         if g_k3 is not None:

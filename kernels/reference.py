@@ -93,11 +93,17 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
     """Per-token (loss, logp, k3) in fp32; masked tokens give 0 and no gradient."""
     keep = mask.bool()
     logp = masked_token_logprobs(logits, labels, keep, temperature=temperature, tp_group=tp_group)
-    adv = advantages.float()
-    ratio = torch.exp(logp - old_logprobs.float())
-    pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
-    delta = ref_logprobs.float() - logp
+    adv = advantages.detach().float()  # gradients go to the logits only, as on the Triton path
+    log_ratio = logp - old_logprobs.detach().float()
+    ratio = torch.exp(log_ratio.detach())
+    # where the clipped branch wins, or A = 0, the policy term has no gradient: cut the graph
+    # before exp so an overflowing ratio cannot turn that 0 into 0 * inf = NaN
+    no_grad = (adv == 0) | ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))
+    ratio = torch.exp(torch.where(no_grad, log_ratio.detach(), log_ratio))
+    unclipped = torch.where(adv == 0, 0.0, ratio * adv)
+    pg = -torch.minimum(unclipped, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    delta = ref_logprobs.detach().float() - logp
     k3 = torch.exp(delta) - delta - 1
-    loss = pg + kl_beta * k3
+    loss = pg + kl_beta * k3 if kl_beta else pg  # kl_beta = 0: an overflowing k3 must not make NaN
     zero = torch.zeros_like(loss)
     return torch.where(keep, loss, zero), logp, torch.where(keep, k3, zero)

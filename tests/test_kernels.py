@@ -385,3 +385,101 @@ def test_group_advantages_by_group_ids_in_any_order(backend):
     torch.testing.assert_close(ours, expected[perm], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not both"):
         group_advantages(rewards, 4, group_ids=ids)
+
+
+# ---------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_block_of_minus_inf_logits(backend):
+    """Banned ids masked to -inf across a whole leading vocab block: the online max starts at
+    -inf and must not turn the running sum into NaN."""
+    logits, labels, old, ref, adv, mask = _case(t=3, v=5000)
+    logits[0, :4096] = float("-inf")
+    labels[0] = 4500
+    ours = _run(backend, logits, labels, old, ref, adv, mask, **KW)
+    keep = mask.clone()
+    expected = _textbook(logits, labels, old, ref, adv, keep, **KW)
+    _assert_match(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_signal_gives_no_nan_even_when_exp_overflows(backend):
+    """A = 0 with a ratio past fp32's range, and kl_beta = 0 with k3 past it: the switched-off
+    term contributes 0, not 0 * inf = NaN, to the loss and the gradient."""
+    logits, labels, old, ref, adv, mask = _case(t=4, v=300)
+    mask[:] = True
+    logp = _textbook(logits, labels, old, ref, adv, mask, **KW)[1].float()
+    adv[0], old[0] = 0.0, logp[0] - 100.0  # ratio e^100 on a token with no advantage
+    ref[1] = logp[1] + 100.0  # k3 = e^100 - 101
+    x = logits.clone().requires_grad_()
+    loss, _, kl = grpo_loss(x, labels, old, ref, adv, mask, backend=backend, **dict(KW, kl_beta=0.0))
+    loss.sum().backward()  # the objective leaves k3 out (0 * inf would be NaN in the forward too)
+    grad = x.grad
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (loss, grad.isfinite().all(1))
+    assert loss[0] == 0 and not grad[0].any()
+    assert torch.isinf(kl[1])  # still reported for logging
+    expected = _textbook(logits, labels, old, ref, adv, mask, **dict(KW, kl_beta=0.0))
+    torch.testing.assert_close(loss[1:], expected[0][1:].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_labels_and_non_bool_masks(backend):
+    logits, labels, old, ref, adv, _ = _case(t=4, v=64)
+    wide = torch.stack([labels, torch.full_like(labels, 10_000)], 1)  # every other id is junk
+    strided = wide[:, 0]
+    assert not strided.is_contiguous()
+    expected = token_logprobs(logits, labels, backend="torch")
+    torch.testing.assert_close(token_logprobs(logits, strided, backend=backend), expected)
+    float_mask = torch.tensor([1.0, 0.5, 1.0, 0.0])  # any nonzero keeps its token, as .bool() reads it
+    int_mask = torch.tensor([1, 256, 1, 0])
+    for mask in (float_mask, int_mask):
+        got = token_logprobs(logits, labels, mask=mask, backend=backend)
+        torch.testing.assert_close(got, torch.where(mask.bool(), expected, 0.0))
+        loss = grpo_loss(logits, labels, old, ref, adv, mask, backend=backend, **KW)[0]
+        assert (loss != 0).tolist() == mask.bool().tolist()
+
+
+def test_more_bad_input():
+    logits, labels, old, ref, adv, mask = _case(t=4, v=100)
+    for temperature in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a positive"):
+            grpo_loss(logits, labels, old, ref, adv, mask, temperature=temperature)
+        with pytest.raises(ValueError, match="temperature must be a positive"):
+            token_logprobs(logits, labels, temperature=temperature)
+    with pytest.raises(ValueError, match=r"mask must have shape \[4\]"):
+        grpo_loss(logits, labels, old, ref, adv, mask[:3])
+    with pytest.raises(ValueError, match=r"must be \[T\] or \[1, T\]"):
+        shift_labels(torch.zeros(2, 5, dtype=torch.long), torch.tensor([0, 5, 10]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches(backend):
+    assert group_advantages(torch.empty(0), 4, backend=backend).shape == (0,)
+    assert group_advantages(torch.empty(0), group_ids=torch.empty(0, dtype=torch.long), backend=backend).shape == (0,)
+    logits, labels, old, ref, adv, mask = (x[:0] for x in _case(t=2, v=64))
+    loss, logp, kl, grad = _run(backend, logits, labels, old, ref, adv, mask, **KW)
+    assert loss.shape == logp.shape == kl.shape == (0,) and grad.shape == (0, 64)
+    for mode in ("token-mean", "seq-mean-token-mean", "dr-grpo"):
+        assert aggregate_loss(loss, mask, mode=mode, max_response_length=8) == 0
+
+
+def test_torch_reference_gradients_reach_the_logits_only():
+    logits, labels, old, ref, adv, mask = _case(t=4, v=64)
+    old, adv = old.clone().requires_grad_(), adv.clone().requires_grad_()
+    x = logits.clone().requires_grad_()
+    grpo_loss(x, labels, old, ref, adv, mask, backend="torch", **KW)[0].sum().backward()
+    assert x.grad is not None and old.grad is None and adv.grad is None
+
+
+def test_shift_labels_of_a_padded_batch_stay_in_their_rows():
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert shift_labels(ids).tolist() == [[2, 3, -100], [5, 6, -100]]
+    packed = torch.tensor([[1, 2, 3, 4, 5]])
+    assert shift_labels(packed, torch.tensor([0, 2, 5])).tolist() == [[2, -100, 4, 5, -100]]
+
+
+def test_dr_grpo_counts_every_sequence_given():
+    per_token = torch.ones(5)
+    mask = torch.ones(5)
+    for cu in ([0, 3, 5, 5], [0, 0, 3, 5], [0, 3, 3, 5]):  # an empty sequence anywhere counts the same
+        got = aggregate_loss(per_token, mask, mode="dr-grpo", cu_seqlens=torch.tensor(cu), max_response_length=4)
+        torch.testing.assert_close(got, torch.tensor(5 / (3 * 4)))
