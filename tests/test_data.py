@@ -11,7 +11,7 @@ from PIL import Image
 from megatron_vr1.config import load_model_conf, model_from_conf
 from megatron_vr1.data import (EvalDataset, ImageError, RecordError, RLDataset, SampleError, SFTDataset, balance,
                                build_sample, fill_ratio, load_tokenizer, pack, pack_balanced, packed_batch,
-                               process_images)
+                               load_image, process_images, tokenize_chat)
 from megatron_vr1.data.tokenizer import CHAT_TEMPLATE, QWEN2_PATTERN, build_offline_tokenizer, qwen_bpe_ranks
 
 SIZES = [(640, 480), (1280, 720), (300, 2000)]
@@ -130,6 +130,10 @@ BAD = {
     "empty conversation": ({"messages": [], "images": []}, SampleError, "empty conversation"),
     "too long": (_sft(reply="word " * 3000), SampleError, "exceeds max_tokens=2048"),
     "lone surrogate": (_sft(content="<image>bad \udcff text"), SampleError, "not valid Unicode"),
+    "special token in text": (_sft(content="<image>end early<|im_end|>"), SampleError, "special token <.im_end.>"),
+    "turn not an object": ({"messages": ["hello", {"role": "assistant", "content": "hi"}]}, SampleError,
+                           "turn 0 must be an object"),
+    "messages not a list": ({"messages": "hello"}, SampleError, "must be a list of turns"),
 }
 
 
@@ -185,7 +189,79 @@ def test_sharegpt_variants_and_rl_eval_formats(tmp_path, tokenizer, args):
     (tmp_path / "eval.jsonl").write_text(json.dumps(ev))
     (prompt,) = list(EvalDataset(tmp_path / "eval.jsonl", tokenizer, args))
     text = tokenizer.decode(prompt.sample.input_ids)
-    assert "A. 3\nB. 5" in text and prompt.extra["answer_type"] == "multi_choice" and prompt.id == "7"
+    assert "Choices:\nA. 3\nB. 5" in text and prompt.extra["question_type"] == "multi_choice" and prompt.id == "7"
+    # MathVista carries both kinds of type, and fields the reward may need
+    mathvista = dict(ev, question_type="multi_choice", answer_type="text", precision=None, unit="cm")
+    (tmp_path / "mathvista.jsonl").write_text(json.dumps(mathvista))
+    (prompt,) = list(EvalDataset(tmp_path / "mathvista.jsonl", tokenizer, args))
+    assert {k: prompt.extra[k] for k in ("question_type", "answer_type", "unit", "choices")} == \
+        {"question_type": "multi_choice", "answer_type": "text", "unit": "cm", "choices": ["3", "5"]}
+    rl_extra = dict(rl[0], kind="geometry", choices=["4", "5"])
+    (tmp_path / "rl_extra.jsonl").write_text(json.dumps(rl_extra))
+    (prompt,) = list(RLDataset(tmp_path / "rl_extra.jsonl", tokenizer, args))
+    assert prompt.extra == {"kind": "geometry", "choices": ["4", "5"]}
+
+
+def test_parquet_with_embedded_images(tmp_path, tokenizer, args):
+    """Geometry3K / EasyR1 parquet files store the images themselves (datasets' Image feature)."""
+    import datasets
+
+    images = [_image(200, 150), _image(120, 300, 1)]
+    features = datasets.Features({"problem": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "images": datasets.Sequence(datasets.Image())})
+    datasets.Dataset.from_dict({"problem": ["<image>Find x.", "<image>Find y."], "answer": ["5", "7"],
+                                "images": [[images[0]], [images[1]]]}, features=features).to_parquet(
+        tmp_path / "geo.parquet")
+    prompts = list(RLDataset(tmp_path / "geo.parquet", tokenizer, args))
+    assert [p.answer for p in prompts] == ["5", "7"]
+    for prompt, image in zip(prompts, images):
+        pixels, grid = process_images([image])
+        assert torch.equal(prompt.sample.pixel_values, pixels) and torch.equal(prompt.sample.image_grid_thw, grid)
+
+
+def test_transparent_images_composite_onto_white_as_transformers_does(tmp_path):
+    from PIL import ImageDraw
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rgba = Image.new("RGBA", (112, 84), (0, 0, 0, 0))  # a black line drawing on a transparent background
+    ImageDraw.Draw(rgba).line([(5, 5), (100, 70)], fill=(0, 0, 0, 255), width=4)
+    la = rgba.convert("LA")
+    palette = rgba.convert("P")
+    palette.info["transparency"] = 0
+    for img in (rgba, la, palette):
+        img.save(tmp_path / "x.png")
+        loaded = load_image(tmp_path / "x.png")
+        assert loaded.getpixel((100, 10)) == (255, 255, 255)  # background is white, not black
+        ref = Qwen2VLImageProcessorPil()(images=[Image.open(tmp_path / "x.png")], return_tensors="pt")
+        assert torch.equal(process_images([loaded])[0], ref["pixel_values"]), img.mode
+
+
+def test_decompression_bombs_are_named_image_errors(tmp_path, monkeypatch):
+    _image(200, 150).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a > 179 MP scan
+    with pytest.raises(ImageError, match="big.png cannot be decoded"):
+        load_image(tmp_path / "big.png")
+
+
+def test_reply_tokens_are_those_generation_produces(tokenizer, args):
+    """A reply starting with a newline keeps its own tokens (and trains on them) instead of merging
+    with the header's newline."""
+    reply = "\n<think> 2 </think><answer> Final Answer: 2 </answer>"
+    messages = [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": reply}]
+    ids, mask = tokenize_chat(tokenizer, messages, [], system_prompt=None)
+    prompt_ids, _ = tokenize_chat(tokenizer, messages[:1], [], system_prompt=None, add_generation_prompt=True)
+    reply_ids = tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt_ids)].tolist() == prompt_ids.tolist()
+    assert ids[len(prompt_ids):len(prompt_ids) + len(reply_ids)].tolist() == reply_ids
+    assert mask.tolist() == [False] * len(prompt_ids) + [True] * len(reply_ids) + [False]  # the trailing newline
+
+
+def test_skip_report_counts_one_pass(tmp_path, tokenizer, args):
+    _write_images(tmp_path)
+    (tmp_path / "sft.json").write_text(json.dumps([_sft(), _sft(images=("img/nope.png",))]))
+    data = SFTDataset(tmp_path / "sft.json", tokenizer, args, skip_bad_samples=True)
+    for _ in range(3):
+        assert len(list(data)) == 1 and data.report.total == 1
 
 
 def test_100k_records_stream_without_holding_images(tmp_path, tokenizer, args, monkeypatch):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .formats import format_choices
+
 COLOURS = {"red": (220, 50, 47), "blue": (38, 139, 210), "green": (133, 153, 0), "orange": (203, 75, 22),
            "purple": (108, 113, 196)}
 KINDS = ("count", "bar", "arithmetic", "geometry")
@@ -133,9 +135,7 @@ def answer_text(p: Problem) -> str:
 
 
 def question_text(p: Problem) -> str:
-    if not p.choices:
-        return p.question
-    return p.question + "\nChoices:\n" + "\n".join(f"{'ABCD'[i]}. {c}" for i, c in enumerate(p.choices))
+    return format_choices(p.question, p.choices)
 
 
 def generate(out_dir: str | Path, *, n_sft: int = 64, n_rl: int = 64, n_eval: int = 32, seed: int = 0) -> dict:
@@ -167,7 +167,7 @@ def generate(out_dir: str | Path, *, n_sft: int = 64, n_rl: int = 64, n_eval: in
         for i in range(n_eval):
             p, rel = make("eval", i)
             f.write(json.dumps({"id": f"eval-{i}", "question": p.question, "image": rel, "answer": p.answer,
-                                "choices": p.choices, "answer_type": "multi_choice" if p.choices else "integer",
-                                "kind": p.kind}) + "\n")
+                                "choices": p.choices, "question_type": "multi_choice" if p.choices else "free_form",
+                                "answer_type": "text" if p.choices else "integer", "kind": p.kind}) + "\n")
     counts.update(sft=n_sft, rl=n_rl, eval=n_eval)
     return counts

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from PIL import Image
 
 from ..models.qwen2_5_vl import Qwen25VLArgs
 from .images import ImageConfig, ImageError, load_image, process_images
@@ -130,15 +131,29 @@ def _record(row: dict) -> dict:
     return row
 
 
-def _image_list(record: dict) -> list[str]:
+def _is_image_source(x: Any) -> bool:
+    return isinstance(x, (str, bytes, Image.Image)) or (isinstance(x, dict) and ("bytes" in x or "path" in x))
+
+
+def _image_list(record: dict) -> list:
+    """The record's images: paths, or images embedded as ``datasets`` stores them in parquet
+    (``{"bytes", "path"}`` dicts or decoded PIL images)."""
     images = record.get("images", record.get("image"))
     if images is None:
         return []
-    if isinstance(images, str):
+    if _is_image_source(images):
         return [images]
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise RecordError(f"'images' must be a path or a list of paths, got {type(images).__name__}")
+    if not isinstance(images, list) or not all(_is_image_source(i) for i in images):
+        raise RecordError(f"'images' must be an image (a path, bytes, or an embedded image) or a list of them, "
+                          f"got {type(images).__name__}")
     return images
+
+
+def format_choices(question: str, choices: Optional[list]) -> str:
+    """The question with its options listed under it, one shared layout for SFT, RL and eval."""
+    if not choices:
+        return question
+    return question + "\nChoices:\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
 
 
 def sft_messages(record: dict) -> tuple[list[dict], list[str]]:
@@ -146,8 +161,12 @@ def sft_messages(record: dict) -> tuple[list[dict], list[str]]:
     turns = record.get("messages", record.get("conversations"))
     if not turns:
         raise SampleError("empty conversation")
+    if not isinstance(turns, list):
+        raise SampleError(f"'messages' must be a list of turns, got {type(turns).__name__}")
     messages = []
     for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise SampleError(f"turn {i} must be an object with role and content, got {type(turn).__name__}")
         role = _ROLE_ALIASES.get(turn.get("role", turn.get("from")))
         content = turn.get("content", turn.get("value"))
         if role is None:
@@ -156,7 +175,16 @@ def sft_messages(record: dict) -> tuple[list[dict], list[str]]:
     return messages, _image_list(record)
 
 
-def rl_problem(record: dict) -> tuple[str, list[str], str]:
+# fields the datasets consume; everything else a record carries travels on in Prompt.extra
+_RL_FIELDS = {"problem", "question", "prompt", "answer", "solution", "images", "image", "id"}
+_EVAL_FIELDS = {"question", "query", "problem", "answer", "images", "image", "id", "pid", "choices"}
+
+
+def _extra(record: dict, consumed: set) -> dict:
+    return {k: v for k, v in record.items() if k not in consumed and not isinstance(v, (bytes, Image.Image))}
+
+
+def rl_problem(record: dict) -> tuple[str, list, str]:
     """Geometry3K-style record -> (problem text with <image> placeholders, image paths, answer)."""
     problem = record.get("problem", record.get("question", record.get("prompt")))
     answer = record.get("answer", record.get("solution"))
@@ -181,9 +209,12 @@ def eval_record(record: dict) -> dict:
     choices = record.get("choices")
     if choices is not None and not isinstance(choices, list):
         raise SampleError(f"'choices' must be a list, got {type(choices).__name__}")
-    answer_type = record.get("answer_type", record.get("question_type", "multi_choice" if choices else "free_form"))
-    return {"id": str(record.get("id", record.get("pid", ""))), "question": question, "images": _image_list(record),
-            "answer": str(answer), "choices": choices, "answer_type": answer_type}
+    # MathVista has both: question_type says multiple choice or free form, answer_type the
+    # answer's kind (text, integer, float, list)
+    question_type = record.get("question_type", "multi_choice" if choices else "free_form")
+    return {**_extra(record, _EVAL_FIELDS), "id": str(record.get("id", record.get("pid", ""))), "question": question,
+            "images": _image_list(record), "answer": str(answer), "choices": choices, "question_type": question_type,
+            "answer_type": record.get("answer_type")}
 
 
 class _RecordSource:
@@ -215,6 +246,7 @@ class _RecordSource:
         return len(self.records)
 
     def _each(self, build) -> Iterator[Any]:
+        self.report = SkipReport()  # each pass counts its own skips: a bad record once per epoch
         for index, row in enumerate(self.records):
             name = row.get("where") or f"{self.path.name}[{index}]"
             try:
@@ -265,7 +297,8 @@ class RLDataset(_RecordSource):
 
     def build(self, record: dict) -> Prompt:
         problem, paths, answer = rl_problem(record)
-        return self._prompt(str(record.get("id", "")), problem, paths, answer, {})
+        # the problem text is used as written (RL sets usually list their options in it)
+        return self._prompt(str(record.get("id", "")), problem, paths, answer, _extra(record, _RL_FIELDS))
 
     def _prompt(self, rid: str, text: str, paths: list[str], answer: str, extra: dict) -> Prompt:
         pixel_values, grid = process_images(self._images(paths), self.image_cfg)
@@ -281,13 +314,11 @@ class EvalDataset(RLDataset):
 
     def build(self, record: dict) -> Prompt:
         fields = eval_record(record)
-        text = fields["question"]
-        if fields["choices"]:
-            text += "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(fields["choices"]))
+        text = format_choices(fields["question"], fields["choices"])
         if fields["images"] and IMAGE_PLACEHOLDER not in text:
             text = IMAGE_PLACEHOLDER * len(fields["images"]) + text
-        return self._prompt(fields["id"], text, fields["images"], fields["answer"],
-                            {"choices": fields["choices"], "answer_type": fields["answer_type"]})
+        extra = {k: v for k, v in fields.items() if k not in ("id", "question", "images", "answer")}
+        return self._prompt(fields["id"], text, fields["images"], fields["answer"], extra)
 
 
 def collate_padded(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:

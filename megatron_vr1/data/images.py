@@ -58,8 +58,30 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h, w
 
 
-def load_image(source: str | Path | bytes, root: str | Path | None = None) -> Image.Image:
-    """Open and decode an image as RGB; errors name the file."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (as transformers' ``convert_to_rgb``):
+    a diagram drawn in black on a transparent background must not turn all black."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source, root: str | Path | None = None) -> Image.Image:
+    """Open and decode an image as RGB; errors name the file.
+
+    ``source``: a path (relative ones under ``root``), encoded bytes, a decoded PIL image, or a
+    ``{"bytes": ..., "path": ...}`` dict as ``datasets`` stores images in parquet files.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, dict):
+        if source.get("bytes"):
+            source = source["bytes"]
+        elif source.get("path"):
+            source = source["path"]
+        else:
+            raise ImageError(f"image record has neither bytes nor a path: keys {sorted(source)}")
     if isinstance(source, (bytes, bytearray)):
         name, opener = "<bytes>", io.BytesIO(source)
     else:
@@ -72,8 +94,8 @@ def load_image(source: str | Path | bytes, root: str | Path | None = None) -> Im
     try:
         with Image.open(opener) as img:
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"image {name} cannot be decoded: {e}") from e
 
 

@@ -2,8 +2,10 @@
 
 The conversation is rendered to text exactly as the checkpoints' chat template does (each
 ``<image>`` becomes ``<|vision_start|>`` + one ``<|image_pad|>`` per merged image token +
-``<|vision_end|>``), tokenised once with character offsets, and the loss mask marks the tokens
-of assistant replies and their closing ``<|im_end|>``.
+``<|vision_end|>``). Prompt and reply segments are tokenised separately, so a reply's tokens are
+exactly those a generation after the prompt produces (tokenising the whole text at once would
+merge the header's newline with a reply that starts with whitespace), and the loss mask marks
+the tokens of assistant replies and their closing ``<|im_end|>``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ from typing import Optional, Sequence
 import torch
 
 from ..models.qwen2_5_vl import Qwen25VLArgs, get_rope_index
+from ..models.qwen2_5_vl.positions import ImageTokenError
 from .images import ImageConfig, image_token_count
 
 IMAGE_PLACEHOLDER = "<image>"
+# special tokens the template writes itself: inside a message's text they would end turns or
+# claim image positions, so such text is refused rather than tokenised into structure
+STRUCTURAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 
@@ -73,6 +80,9 @@ def render(messages: Sequence[dict], grids: Sequence[tuple[int, int, int]], *,
             raise SampleError(f"turn {i}: text is not valid Unicode ({e.reason} at {e.start})") from e
         if role == "system" and i:
             raise SampleError(f"turn {i}: a system turn may only come first")
+        for token in STRUCTURAL_TOKENS:
+            if token in content:
+                raise SampleError(f"turn {i}: text contains the special token {token}")
         pieces = content.split(IMAGE_PLACEHOLDER)
         if role == "assistant" and len(pieces) > 1:
             raise SampleError(f"turn {i}: <image> in an assistant reply")
@@ -100,12 +110,16 @@ def tokenize_chat(tokenizer, messages: Sequence[dict], grids: Sequence[tuple[int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, loss_mask) of a conversation."""
     text, targets = render(messages, grids, **render_kwargs)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-    mask = torch.zeros(len(ids), dtype=torch.bool)
-    for i, (start, end) in enumerate(enc["offset_mapping"]):
-        mask[i] = any(s <= start and end <= e and end > start for s, e in targets)
-    return ids, mask
+    bounds = [0] + [b for span in targets for b in span] + [len(text)]
+    ids: list[int] = []
+    mask: list[bool] = []
+    for k in range(len(bounds) - 1):  # prompt, reply, prompt, ... : odd segments are targets
+        segment = text[bounds[k]:bounds[k + 1]]
+        if segment:
+            piece = tokenizer(segment, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [k % 2 == 1] * len(piece)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
 
 
 def build_sample(tokenizer, args: Qwen25VLArgs, messages: Sequence[dict], pixel_values: torch.Tensor,
@@ -113,5 +127,8 @@ def build_sample(tokenizer, args: Qwen25VLArgs, messages: Sequence[dict], pixel_
     """A model-ready sample: ids, loss mask, 3-D position ids, and the image tensors."""
     grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
     ids, mask = tokenize_chat(tokenizer, messages, grids, image_cfg=image_cfg, **render_kwargs)
-    position_ids, _ = get_rope_index(ids[None], image_grid_thw if grids else None, args)
+    try:
+        position_ids, _ = get_rope_index(ids[None], image_grid_thw if grids else None, args)
+    except ImageTokenError as e:
+        raise SampleError(str(e)) from e
     return Sample(ids, mask, position_ids[:, 0], pixel_values, image_grid_thw)
