@@ -164,3 +164,123 @@ def test_reads_the_nested_transformers_key_layout(tmp_path):
     back = load_file(str(next((tmp_path / "back").glob("*.safetensors"))))
     assert set(back) == set(published)  # written in the published layout
     assert all(torch.equal(back[k], published[k]) for k in published)
+
+
+def test_export_keeps_the_source_config_and_dtype(tmp_path):
+    """Fields the model does not read (video's tokens_per_second, token ids) survive the round trip,
+    and the default dtype is the checkpoint's own: an fp16 source comes back fp16, bit for bit."""
+    from transformers import AutoConfig
+
+    config = tiny_hf_config()
+    config["vision_config"]["tokens_per_second"] = 2  # what the published configs say; transformers defaults to 4
+    hf_model(config).to(torch.float16).save_pretrained(tmp_path / "hf")
+    info = hf_to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    assert info["dtype"] == "float16"
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert all(back[k].dtype == torch.float16 and torch.equal(back[k], original[k]) for k in original)
+    exported = AutoConfig.from_pretrained(tmp_path / "back")
+    assert exported.vision_config.tokens_per_second == 2
+    written = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert written["torch_dtype"] == written["dtype"] == "float16"
+
+
+def test_outputs_are_never_clobbered(tmp_path, monkeypatch):
+    from megatron_vr1.checkpoint import hf_files
+
+    hf_dir = _save_hf(tmp_path / "hf")
+    out = tmp_path / "mcore"
+    real_get = hf_files.HFCheckpointReader.get
+
+    def racing(self, name):  # another job writes into the output while we convert
+        out.mkdir(exist_ok=True)
+        (out / "precious_step_1000.pt").write_text("keep me")
+        return real_get(self, name)
+
+    monkeypatch.setattr(hf_files.HFCheckpointReader, "get", racing)
+    with pytest.raises(FileExistsError, match="appeared while converting"):
+        hf_to_mcore(hf_dir, out, dtype="fp32")
+    monkeypatch.undo()
+    assert (out / "precious_step_1000.pt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mcore"]  # no hidden leftovers
+
+    with pytest.raises(FileExistsError, match="is, or contains, the input"):
+        hf_to_mcore(hf_dir, hf_dir, overwrite=True)
+    with pytest.raises(FileExistsError, match="is, or contains, the input"):
+        hf_to_mcore(hf_dir, tmp_path, overwrite=True)
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "x").write_text("x")
+    link = tmp_path / "latest"
+    link.symlink_to(real)
+    hf_to_mcore(hf_dir, link, dtype="fp32", overwrite=True)  # replaces the link, not what it points to
+    assert not link.is_symlink() and (link / "megatron_vr1.json").exists() and (real / "x").exists()
+
+
+def test_load_and_save_check_what_they_touch(tmp_path, model_parallel_1, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from megatron_vr1.checkpoint import load_model, save_model
+    from megatron_vr1.models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs, build_model
+
+    hf_dir = _save_hf(tmp_path / "hf")
+    hf_to_mcore(hf_dir, tmp_path / "mcore", dtype="fp32")
+    other = tiny_hf_config()
+    other["rope_theta"] = 1e6
+    model = build_model(Qwen25VLArgs.from_hf_config(other), ParallelLayout(), backend="local")
+    with pytest.raises(ValueError, match="rope_theta differ"):
+        load_model(model, tmp_path / "mcore")
+
+    model = build_model(Qwen25VLArgs.from_hf_config(tiny_hf_config()), ParallelLayout(), backend="local")
+    load_model(model, tmp_path / "mcore")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_model(model, tmp_path / "mcore")
+    save_model(model, tmp_path / "mcore", overwrite=True)
+    load_model(model, tmp_path / "mcore")
+
+    def preempted(*args, **kwargs):
+        raise OSError("node preempted")
+
+    monkeypatch.setattr(dist_checkpointing, "save", preempted)
+    with pytest.raises(OSError, match="preempted"):
+        save_model(model, tmp_path / "mcore", overwrite=True)
+    with pytest.raises(FileNotFoundError, match="not a complete megatron-vr1 checkpoint"):
+        load_model(model, tmp_path / "mcore")  # a save that died is never taken for a checkpoint
+
+
+def test_cli_user_errors_are_one_line_and_nan_fails_verify(tmp_path, capsys):
+    import importlib.util
+
+    from safetensors.torch import load_file, save_file
+
+    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "tools" / "convert.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    hf_dir = _save_hf(tmp_path / "hf")
+    base = ["hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "m")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(base + ["--tp", "0"])
+    assert exit_info.value.code == 2
+    assert cli.main(base + ["--first-stage-layers", "2"]) == 2  # needs --pp > 1
+    assert "needs pipeline_parallel > 1" in capsys.readouterr().err
+    assert cli.main(base + ["--pp", "2", "--first-stage-layers", "3"]) == 2  # the last stage would be empty
+    assert not (tmp_path / "m").exists()
+
+    broken = tmp_path / "broken"
+    _save_hf(broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(["hf-to-mcore", "--hf", str(broken), "--out", str(tmp_path / "nan")]) == 0
+    assert cli.main(["verify", "--hf", str(hf_dir), "--mcore", str(tmp_path / "nan"), "--tolerance", "1e-4"]) == 1
+
+
+def test_a_short_vocab_table_is_refused():
+    from megatron_vr1.models.qwen2_5_vl import Qwen25VLArgs
+    from megatron_vr1.models.qwen2_5_vl.hf_mapping import param_mappings
+
+    args = Qwen25VLArgs.from_hf_config(tiny_hf_config())
+    embed = param_mappings(args, 256)["language_model.embedding.word_embeddings.weight"]
+    with pytest.raises(ValueError, match="has 200 rows, the config's vocab_size is 250"):
+        embed.shard([torch.zeros(200, 64)], 0, 1)

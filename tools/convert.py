@@ -18,8 +18,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     h2m = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> Megatron-Core distributed checkpoint")
     h2m.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
     h2m.add_argument("--out", required=True, help="Megatron checkpoint folder to create")
-    h2m.add_argument("--tp", type=int, default=1, help="tensor parallel size the checkpoint is laid out for")
-    h2m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    h2m.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size the checkpoint is laid out for")
+    h2m.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size")
     h2m.add_argument("--first-stage-layers", type=int, default=None,
                      help="LM layers on the first pipeline stage (which also holds the ViT)")
-    h2m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    h2m.add_argument("--vocab-divisible-by", type=int, default=1,
+    h2m.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                     help="auto (default): keep the checkpoint's own dtype; otherwise cast every tensor")
+    h2m.add_argument("--vocab-divisible-by", type=positive_int, default=1,
                      help="pad the vocab to a multiple of this x TP (1: pad only if TP needs it)")
     h2m.add_argument("--overwrite", action="store_true")
 
@@ -50,9 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     ver = sub.add_parser("verify", help="max logit difference between a HF folder and a Megatron checkpoint")
     ver.add_argument("--hf", required=True)
     ver.add_argument("--mcore", required=True)
-    ver.add_argument("--tolerance", type=float, default=None, help="exit 1 if the difference exceeds this")
+    ver.add_argument("--tolerance", type=float, default=None,
+                     help="exit 1 if the difference exceeds this (a NaN or inf difference always does)")
 
     opts = parser.parse_args(argv)
+    from megatron_vr1.checkpoint import CheckpointError
+    from megatron_vr1.models.qwen2_5_vl import ConfigError
+
+    try:
+        return run(opts)
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"convert.py {opts.command}: error: {e}", file=sys.stderr)  # a user error: one line, exit 2
+        return 2
+
+
+def run(opts: argparse.Namespace) -> int:
     from megatron_vr1.checkpoint import hf_to_mcore, mcore_to_hf, verify
 
     start = time.perf_counter()
@@ -60,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         info = hf_to_mcore(opts.hf, opts.out, tensor_parallel=opts.tp, pipeline_parallel=opts.pp,
                            num_layers_in_first_pipeline_stage=opts.first_stage_layers, dtype=opts.dtype,
                            make_vocab_size_divisible_by=opts.vocab_divisible_by, overwrite=opts.overwrite)
-        print(f"wrote {opts.out}: {info['tensors']} HF tensors, vocab padded to {info['padded_vocab_size']}, "
+        print(f"wrote {opts.out}: {info['tensors']} HF tensors ({info['dtype']}), vocab padded to "
+              f"{info['padded_vocab_size']}, "
               f"{time.perf_counter() - start:.1f}s")
     elif opts.command == "mcore-to-hf":
         info = mcore_to_hf(opts.mcore, opts.out, hf_config=opts.hf_config,
@@ -70,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         diff = verify(opts.hf, opts.mcore)
         print(f"max |logit difference| = {diff:.3e}")
+        if not math.isfinite(diff):
+            print("the logits are not finite (NaN or inf in one of the checkpoints)", file=sys.stderr)
+            return 1
         if opts.tolerance is not None and diff > opts.tolerance:
             return 1
     return 0

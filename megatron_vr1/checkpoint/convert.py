@@ -7,6 +7,7 @@ stores global tensors, so it loads at any TP/PP) and move tensors through the on
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,16 +63,36 @@ def _meta_model(args: Qwen25VLArgs, dtype: torch.dtype, padded_vocab: int):
                            config_overrides=META_BUILD_OVERRIDES, padded_vocab_size=padded_vocab)
 
 
+def _deep_update(base: dict, ours: dict) -> dict:
+    """``base`` with every key of ``ours`` set, nested dicts merged: fields the source config
+    carries that the model does not read (``tokens_per_second``, token ids) survive."""
+    out = dict(base)
+    for key, value in ours.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                num_layers_in_first_pipeline_stage: Optional[int] = None, dtype: str = "bf16",
+                num_layers_in_first_pipeline_stage: Optional[int] = None, dtype: str = "auto",
                 make_vocab_size_divisible_by: int = 1, overwrite: bool = False) -> dict:
-    """Convert a HF folder into a Megatron-Core distributed checkpoint laid out for TP x PP."""
+    """Convert a HF folder into a Megatron-Core distributed checkpoint laid out for TP x PP.
+
+    ``dtype``: ``"auto"`` keeps the checkpoint's own (its embedding's) dtype; ``bf16`` / ``fp16``
+    / ``fp32`` cast every tensor.
+    """
     args = Qwen25VLArgs.from_hf_config(hf_dir)
     layout = ParallelLayout(tensor_parallel, pipeline_parallel, num_layers_in_first_pipeline_stage,
                             make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     args.check_parallel(tensor_parallel, pipeline_parallel, num_layers_in_first_pipeline_stage)
-    torch_dtype = DTYPES[dtype]
     reader = HFCheckpointReader(hf_dir)
+    if dtype == "auto":
+        torch_dtype = reader.dtype("model.embed_tokens.weight")
+        if torch_dtype not in DTYPES.values():
+            raise CheckpointError(f"{hf_dir} stores {torch_dtype}: choose a dtype (bf16, fp16 or fp32)")
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     expected = expected_hf_shapes(args)
     tied_head = args.tie_word_embeddings and "lm_head.weight" in reader.names()
     check_tensors(reader, {**expected, **({"lm_head.weight": expected["model.embed_tokens.weight"]} if tied_head else {})})
@@ -87,7 +108,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1
         read.update(m.hf)
         return m.shard([reader.get(h) for h in m.hf], 0, 1)
 
-    with single_process(), atomic_dir(out, overwrite) as tmp:
+    with single_process(), atomic_dir(out, overwrite, inputs=[hf_dir]) as tmp:
         model = _meta_model(args, torch_dtype, padded)
         uses = Counter(h for _, _, m in iter_model_mappings(model, args, padded, 0) for h in m.hf)
         twice = sorted(h for h, n in uses.items() if n > 1)
@@ -100,7 +121,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1
         write_metadata(tmp, args, layout, torch_dtype, padded, extra={"source": "hf", "hf_tensors": len(read)})
         (tmp / HF_ASSETS).mkdir()
         copy_side_files(hf_dir, tmp / HF_ASSETS)
-    return {"tensors": len(read), "padded_vocab_size": padded}
+        shutil.copy2(Path(hf_dir) / "config.json", tmp / HF_ASSETS / "config.json")  # the export starts from it
+    return {"tensors": len(read), "padded_vocab_size": padded, "dtype": str(torch_dtype).replace("torch.", "")}
 
 
 def _merge_full(m, full: torch.Tensor, vocab_size: int) -> list[torch.Tensor]:
@@ -136,16 +158,21 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config: str | Path
         if given != args:
             raise CheckpointError(f"--hf-config {hf_config} describes another architecture than {mcore_dir}")
     dtype = getattr(torch, meta["dtype"])
-    with single_process(), atomic_dir(out, overwrite) as tmp:
+    source = Path(hf_config) if hf_config is not None else mcore_dir / HF_ASSETS
+    inputs = [mcore_dir] + ([hf_config] if hf_config is not None else [])
+    with single_process(), atomic_dir(out, overwrite, inputs=inputs) as tmp:
         model = _meta_model(args, dtype, meta["padded_vocab_size"])
         index = write_safetensors_shards(_hf_plan(model, args, dtype), _hf_tensors(model, args, mcore_dir, dtype),
                                          tmp, max_shard_bytes)
         missing = sorted(set(expected_hf_shapes(args)) - set(index["weight_map"]))
         if missing:
             raise CheckpointError(f"{mcore_dir}: no data for HF tensors {missing}")
-        config = dict(args.to_hf_config(), torch_dtype=meta["dtype"], transformers_version=_transformers_version())
+        base = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+        # transformers 5 writes "dtype", 4.x "torch_dtype": both must name what the shards hold
+        config = _deep_update(base, dict(args.to_hf_config(), torch_dtype=meta["dtype"], dtype=meta["dtype"],
+                                         transformers_version=_transformers_version()))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        copied = copy_side_files(hf_config if hf_config is not None else mcore_dir / HF_ASSETS, tmp)
+        copied = copy_side_files(source, tmp)
         if "generation_config.json" not in copied:
             gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -38,7 +38,9 @@ class HFCheckpointReader:
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map' of tensor names to shard files")
         elif (self.dir / "model.safetensors").exists():
             with safe_open(self.dir / "model.safetensors", framework="pt") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
@@ -55,19 +57,28 @@ class HFCheckpointReader:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        path, key = self._locate(name)
-        with safe_open(path, framework="pt") as f:
+        with self._open(name) as (f, key):
             return tuple(f.get_slice(key).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        with self._open(name) as (f, key):
+            return _TORCH_DTYPES[f.get_slice(key).get_dtype()]
+
     def get(self, name: str) -> torch.Tensor:
-        path, key = self._locate(name)
-        with safe_open(path, framework="pt") as f:
+        with self._open(name) as (f, key):
             return f.get_tensor(key)
 
-    def _locate(self, name: str) -> tuple[Path, str]:
+    @contextlib.contextmanager
+    def _open(self, name: str):
         if name not in self._where:
             raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
-        return self._where[name]
+        path, key = self._where[name]
+        if not path.is_file():
+            raise CheckpointError(f"{self.dir}: shard {path.name} (holding {key!r}) does not exist")
+        with safe_open(path, framework="pt") as f:
+            if key not in f.keys():
+                raise CheckpointError(f"{self.dir}: the index puts {key!r} in {path.name}, which does not hold it")
+            yield f, key
 
 
 def check_tensors(reader: HFCheckpointReader, expected: dict[str, tuple[int, ...]], optional: Iterable[str] = ()) -> None:
@@ -89,11 +100,24 @@ def check_tensors(reader: HFCheckpointReader, expected: dict[str, tuple[int, ...
         raise CheckpointError(f"{reader.dir}: " + "; ".join(problems))
 
 
+def _occupied(path: Path) -> bool:
+    return path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling folder that becomes ``out`` only if the block finishes."""
+def atomic_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """A temporary sibling folder that becomes ``out`` only if the block finishes.
+
+    Without ``overwrite`` an ``out`` that is (or becomes, while the block runs) non-empty is
+    never touched: the final rename fails instead. With it, the old ``out`` is moved aside and
+    removed only once the new one is in place. ``out`` may not be, or contain, an input.
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    for source in inputs:
+        source = Path(source).resolve()
+        if out.resolve() == source or out.resolve() in source.parents:
+            raise FileExistsError(f"output {out} is, or contains, the input {source}")
+    if _occupied(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
@@ -101,12 +125,23 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if not overwrite or not _occupied(out):
+            try:
+                os.rename(tmp, out)  # atomic; refuses a non-empty directory that appeared meanwhile
+            except OSError as e:
+                raise FileExistsError(f"{out} appeared while converting and is not empty; "
+                                      f"nothing was written (pass --overwrite to replace it)") from e
+        else:
+            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            os.rename(out, old)  # a symlink moves as a link: its target is left alone
+            os.rename(tmp, out)
+            if old.is_symlink() or old.is_file():
+                old.unlink()
+            else:
+                shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def copy_side_files(src: str | Path | None, dst: Path) -> list[str]:
@@ -124,6 +159,7 @@ def copy_side_files(src: str | Path | None, dst: Path) -> list[str]:
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 TensorPlan = list[tuple[str, tuple[int, ...], torch.dtype]]
 

@@ -10,8 +10,10 @@ same way. Trainers use :func:`save_model` / :func:`load_model` on their live, sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -54,8 +56,12 @@ def write_metadata(ckpt_dir: Path, args: Qwen25VLArgs, layout: ParallelLayout, d
 def read_metadata(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / METADATA_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{ckpt_dir} is not a megatron-vr1 checkpoint (no {METADATA_FILE})")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete megatron-vr1 checkpoint (no {METADATA_FILE}: "
+                                f"not one, or its save did not finish)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "megatron_vr1/qwen2_5_vl":
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    return meta
 
 
 def _param_name(key: str, global_offset: tuple[int, ...], prepend: int) -> str:
@@ -176,11 +182,30 @@ def iter_checkpoint_params(model: torch.nn.Module, ckpt_dir: Path, dtype: torch.
         yield local_to_global_name(key, 0), loaded[key].reshape(shape)
 
 
-def save_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Checkpoint a live (sharded) model, with the metadata ``mcore-to-hf`` needs; collective."""
+def save_model(model: torch.nn.Module, ckpt_dir: str | Path, *, overwrite: bool = False) -> None:
+    """Checkpoint a live (sharded) model, with the metadata ``mcore-to-hf`` needs; collective.
+
+    The metadata file is written last, after every rank has finished, and is what marks the
+    checkpoint complete: a save that dies midway leaves a folder ``load_model`` refuses. An
+    existing checkpoint is replaced only with ``overwrite``.
+    """
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if torch.distributed.get_rank() == 0:
+        if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not overwrite:
+            error = f"{ckpt_dir} exists and is not empty (pass overwrite=True to replace it)"
+        else:
+            error = ""
+            if ckpt_dir.exists():  # asked to replace: no stale shard of another layout may stay
+                shutil.rmtree(ckpt_dir)
+            ckpt_dir.mkdir(parents=True)
+    else:
+        error = None
+    box = [error]
+    torch.distributed.broadcast_object_list(box, src=0)  # every rank raises, or none does
+    if box[0]:
+        raise FileExistsError(box[0])
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         dtype = next(model.parameters()).dtype
         write_metadata(ckpt_dir, model.args, model.layout, dtype, model.padded_vocab_size, extra={"source": "training"})
@@ -190,6 +215,14 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Load a checkpoint written at any TP/PP into a live model; collective over all ranks."""
     meta = read_metadata(ckpt_dir)
+    args = getattr(model, "args", None)
+    if args is not None:
+        saved = type(args).from_hf_config(meta["hf_config"])
+        if saved != args:
+            a, b = dataclasses.asdict(saved), dataclasses.asdict(args)
+            differ = sorted(k for k in a if a[k] != b[k])
+            raise ValueError(f"{ckpt_dir} holds another model than this one: {', '.join(differ)} differ "
+                             f"(checkpoint {[a[k] for k in differ]}, model {[b[k] for k in differ]})")
     padded = getattr(model, "padded_vocab_size", None)
     if padded is not None and meta["padded_vocab_size"] != padded:
         raise ValueError(

@@ -273,6 +273,11 @@ class Qwen25VLArgs:
                        num_layers_in_first_pipeline_stage: int | None = None) -> None:
         """Clear errors for layouts megatron-core would reject deep inside (or get wrong)."""
         tp, v = tensor_parallel, self.vision
+        if tp < 1 or pipeline_parallel < 1:
+            raise ConfigError(f"tensor_parallel and pipeline_parallel must be >= 1, got {tp} and {pipeline_parallel}")
+        if pipeline_parallel == 1 and num_layers_in_first_pipeline_stage not in (None, self.num_layers):
+            raise ConfigError(f"num_layers_in_first_pipeline_stage={num_layers_in_first_pipeline_stage} needs "
+                              "pipeline_parallel > 1")
         checks = [
             ("num_attention_heads", self.num_heads),
             ("num_key_value_heads", self.num_kv_heads),
@@ -291,7 +296,7 @@ class Qwen25VLArgs:
                 if self.num_layers % pp:
                     raise ConfigError(f"pipeline_parallel={pp} does not divide num_hidden_layers={self.num_layers}; "
                                       "set num_layers_in_first_pipeline_stage")
-            elif not 0 <= first <= self.num_layers or (self.num_layers - first) % (pp - 1):
+            elif not 0 <= first < self.num_layers or (self.num_layers - first) % (pp - 1):
                 raise ConfigError(
                     f"num_layers_in_first_pipeline_stage={first}: the other {self.num_layers - first} layers "
                     f"do not split evenly over {pp - 1} stages"

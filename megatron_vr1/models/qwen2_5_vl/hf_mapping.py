@@ -66,12 +66,15 @@ class Split(ParamMapping):
 
 @dataclass(frozen=True)
 class VocabSplit(ParamMapping):
-    """Vocab-parallel rows, zero-padded up to ``padded_vocab``."""
+    """Vocab-parallel rows (exactly ``vocab_size`` of them in HF), zero-padded up to ``padded_vocab``."""
 
     padded_vocab: int = 0
+    vocab_size: int = 0
 
     def shard(self, tensors, tp_rank, tp_size):
         t = tensors[0]
+        if t.shape[0] != self.vocab_size:  # a short table must not be zero-filled into a "valid" one
+            raise ValueError(f"{self.hf[0]} has {t.shape[0]} rows, the config's vocab_size is {self.vocab_size}")
         if t.shape[0] > self.padded_vocab:
             raise ValueError(f"{self.hf[0]}: {t.shape[0]} rows exceed the padded vocab {self.padded_vocab}")
         pad = self.padded_vocab - t.shape[0]
@@ -186,11 +189,11 @@ def param_mappings(args: Qwen25VLArgs, padded_vocab: int) -> dict[str, ParamMapp
     """Every Megatron parameter of the whole (unsplit) model, keyed by Megatron name."""
     maps: list[ParamMapping] = [
         VocabSplit("language_model.embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
-                   padded_vocab=padded_vocab),
+                   padded_vocab=padded_vocab, vocab_size=args.vocab_size),
         Replicated("language_model.decoder.final_layernorm.weight", ("model.norm.weight",)),
         VocabSplit("language_model.output_layer.weight",
                    ("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight",),
-                   padded_vocab=padded_vocab),
+                   padded_vocab=padded_vocab, vocab_size=args.vocab_size),
         Replicated("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",)),
         Replicated("vision.merger.ln_q.weight", ("visual.merger.ln_q.weight",)),
         Split("vision.merger.fc1.weight", ("visual.merger.mlp.0.weight",), dim=0),
