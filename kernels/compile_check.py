@@ -173,7 +173,8 @@ def reports(archs: list[int], dtypes: list[str], vocab: int,
     return out
 
 
-def _config(text: str) -> tuple[int, int]:
+def parse_launch_config(text: str) -> tuple[int, int]:
+    """``'4096x8'`` -> (BLOCK, num_warps); an argparse type, also used by kernels/bench."""
     block, _, warps = text.partition("x")
     if not (block.isdigit() and warps.isdigit()):
         raise argparse.ArgumentTypeError(f"a config is BLOCKxWARPS, e.g. 4096x8; got {text!r}")
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="SM versions, e.g. 90 (H100/H200)")
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--vocab", type=int, default=152064, help="vocab columns per rank (the local shard)")
-    parser.add_argument("--configs", type=_config, nargs="+", default=None,
+    parser.add_argument("--configs", type=parse_launch_config, nargs="+", default=None,
                         help=f"GRPO-loss BLOCKxWARPS to compile (default {_loss.BLOCK_V}x{_loss.NUM_WARPS})")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead of a table")
     opts = parser.parse_args(argv)

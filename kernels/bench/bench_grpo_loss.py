@@ -126,7 +126,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=152064)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--configs", nargs="+", default=None, metavar="BLOCKxWARPS",
+    from megatron_vr1.kernels import fused_grpo_loss
+    from megatron_vr1.kernels.compile_check import parse_launch_config
+
+    parser.add_argument("--configs", type=parse_launch_config, nargs="+", default=None, metavar="BLOCKxWARPS",
                         help="launch configs of our kernel to compare (default: the shipped one)")
     parser.add_argument("--peak-bw", type=float, default=None, help="device memory bandwidth in bytes/s")
     opts = parser.parse_args()
@@ -137,10 +140,7 @@ def main() -> None:
     print(f"device: {name}; vocab {opts.vocab}; bf16 logits; median of {opts.iters} fwd+bwd")
     print("| tokens | implementation | ms | peak extra GiB | GB/s | of peak bandwidth |")
     print("| --- | --- | --- | --- | --- | --- |")
-    from megatron_vr1.kernels import fused_grpo_loss
-
-    configs = [tuple(int(x) for x in c.split("x")) for c in opts.configs] if opts.configs else \
-        [(fused_grpo_loss.BLOCK_V, fused_grpo_loss.NUM_WARPS)]
+    configs = opts.configs or [(fused_grpo_loss.BLOCK_V, fused_grpo_loss.NUM_WARPS)]
     impls = implementations(not opts.no_compile, configs)
     for t in opts.tokens:
         inputs = make_inputs(t, opts.vocab, device)
