@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import torch
 
+from .. import platform
 from . import reference
 
 Backend = str  # "auto" | "triton" | "torch"
@@ -33,37 +34,40 @@ def _use_triton(backend: Backend, *tensors: torch.Tensor) -> bool:
     return backend == "triton"
 
 
-def _check_rows(name: str, t: torch.Tensor, rows: int) -> None:
-    if t.dim() != 1 or t.shape[0] != rows:
-        raise ValueError(f"{name} must have shape [{rows}] (one value per logits row), got {list(t.shape)}")
+def _check_rows(name: str, t: torch.Tensor, rows: torch.Size) -> None:
+    if t.shape != rows:
+        raise ValueError(f"{name} must have shape {list(rows)} (one value per logits row), got {list(t.shape)}")
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor], tp_group,
                   temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [tokens, vocab], got shape {list(logits.shape)}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [tokens, vocab] (or [batch, tokens, vocab]), got shape {list(logits.shape)}")
     if logits.stride(-1) != 1:
         raise ValueError("logits must be contiguous along the vocab dimension (stride(-1) == 1); "
                          "call .contiguous() first")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits must be fp32, bf16 or fp16, got {logits.dtype}")
-    _check_rows("labels", labels, logits.shape[0])
+    _check_rows("labels", labels, logits.shape[:-1])
     if mask is not None:
-        _check_rows("mask", mask, logits.shape[0])
+        _check_rows("mask", mask, logits.shape[:-1])
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
     if labels.numel():
         shards = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
-        vocab = logits.shape[1] * shards
-        # masked rows may hold anything (e.g. -100); one host sync reads both ends of the rest
+        vocab = logits.shape[-1] * shards
+        # masked rows may hold anything (e.g. -100); no host sync on a GPU
         used = labels if mask is None else torch.where(mask.bool(), labels, 0)
-        lo, hi = torch.aminmax(used)
-        lo, hi = torch.stack([lo, hi]).tolist()
-        if lo < 0 or hi >= vocab:
-            where = f"the {shards} vocab shards of {logits.shape[1]}" if tp_group is not None else "the vocab"
-            raise ValueError(f"labels must lie in [0, {vocab}) ({where}); got values in [{lo}, {hi}]")
+        where = f"the {shards} vocab shards of {logits.shape[-1]}" if tp_group is not None else "the vocab"
+        platform.check((used >= 0) & (used < vocab), f"labels must lie in [0, {vocab}) ({where}) on unmasked rows")
+
+
+def _rows(logits: torch.Tensor, *per_row: Optional[torch.Tensor]):
+    """Logits as ``[rows, vocab]`` and per-row tensors as ``[rows]`` (views where possible)."""
+    flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() != 2 else logits
+    return (flat, *(None if t is None else t.reshape(-1) for t in per_row))
 
 
 def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -119,41 +123,61 @@ def group_advantages(rewards: torch.Tensor, group_size: Union[int, torch.Tensor,
 @torch.no_grad()
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, tp_group=None,
                    mask: Optional[torch.Tensor] = None, backend: Backend = "auto") -> torch.Tensor:
-    """``log softmax(logits / T)[labels]`` per row, fp32 ``[T]``, without gradient (old and
-    reference policies). With ``tp_group`` the logits are this rank's vocab shard and labels
+    """``log softmax(logits / T)[labels]`` per row, fp32 with the shape of ``labels``, without
+    gradient (old and reference policies). ``logits`` is ``[T, V]`` or ``[B, T, V]`` (labels
+    ``[T]`` or ``[B, T]``). With ``tp_group`` the logits are this rank's vocab shard and labels
     are global ids. Rows off ``mask`` (if given) are skipped and give 0."""
     _check_logits(logits, labels, mask, tp_group, temperature)
+    shape = labels.shape
+    logits, labels, mask = _rows(logits, labels, mask)
     if mask is None:
         mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     if _use_triton(backend, logits):
         from .fused_grpo_loss import row_stats
 
         lse, target = row_stats(logits, labels.contiguous(), _kernel_mask(mask), temperature, tp_group)
-        return torch.where(mask.bool(), target - lse, 0.0)
-    return reference.masked_token_logprobs(logits, labels, mask, temperature=temperature, tp_group=tp_group)
+        out = torch.where(mask.bool(), target - lse, 0.0)
+    else:
+        out = reference.masked_token_logprobs(logits, labels, mask, temperature=temperature, tp_group=tp_group)
+    return out.reshape(shape)
 
 
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
-              clip_high: float = 0.2, kl_beta: float = 0.0, tp_group=None, inplace_backward: bool = False,
+              clip_high: float = 0.2, clip_ratio_c: Optional[float] = 3.0, kl_beta: float = 0.0,
+              kl_log_ratio_max: float = 20.0, tp_group=None, inplace_backward: bool = False,
               backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token GRPO loss, log-probs and k3 KL (each fp32 ``[T]``, 0 on masked tokens).
+    """Per-token GRPO loss, log-probs and k3 KL (fp32, the shape of ``labels``, 0 on masked tokens).
 
-    ``loss = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) + kl_beta * k3`` with
-    ``r = exp(logp - old_logprobs)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
-    Row t of ``logits`` predicts ``labels[t]``; ``advantages`` is per token. Differentiable with
-    respect to ``logits`` (all three outputs). ``inplace_backward`` writes the gradient into the
-    logits' own storage (saves a logits-sized buffer; the logits must not be used afterwards).
+    ``pg = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A)``, and for ``A < 0`` dual-clipped at
+    ``-A * clip_ratio_c`` (verl's default 3; ``None`` switches it off), so a huge ratio on a
+    negative advantage cannot make the loss unbounded; ``loss = pg + kl_beta * k3`` with
+    ``r = exp(logp - old_logprobs)``, ``k3 = exp(d) - d - 1`` and ``d = clamp(ref_logprobs - logp,
+    +-kl_log_ratio_max)`` (no gradient where the bound holds ``d``).
+    Row t of ``logits`` (``[T, V]`` or ``[B, T, V]``) predicts ``labels[t]``; the other per-token
+    inputs have the shape of ``labels``. Differentiable with respect to ``logits`` (all three
+    outputs). ``inplace_backward`` writes the gradient into the logits' own storage (saves a
+    logits-sized buffer; the logits must not be used afterwards).
     """
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("advantages", advantages),
                     ("mask", mask)):
-        _check_rows(name, t, logits.shape[0])
+        _check_rows(name, t, logits.shape[:-1])
     _check_logits(logits, labels, mask, tp_group, temperature)
+    if clip_ratio_c is not None and not clip_ratio_c > 1 + clip_high:
+        raise ValueError(f"clip_ratio_c must exceed 1 + clip_high = {1 + clip_high}, got {clip_ratio_c}")
+    if not kl_log_ratio_max > 0:
+        raise ValueError(f"kl_log_ratio_max must be positive, got {kl_log_ratio_max}")
+    shape = labels.shape
+    logits, labels, old_logprobs, ref_logprobs, advantages, mask = _rows(
+        logits, labels, old_logprobs, ref_logprobs, advantages, mask)
+    clips = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, kl_beta=kl_beta,
+                 kl_log_ratio_max=kl_log_ratio_max)
     if _use_triton(backend, logits):
         from .fused_grpo_loss import GRPOLossFunction
 
-        return GRPOLossFunction.apply(logits, labels.contiguous(), old_logprobs, ref_logprobs, advantages,
-                                      _kernel_mask(mask), temperature, clip_low, clip_high, kl_beta,
-                                      tp_group, inplace_backward)
-    return reference.grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask, temperature=temperature,
-                               clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta, tp_group=tp_group)
+        out = GRPOLossFunction.apply(logits, labels.contiguous(), old_logprobs, ref_logprobs, advantages,
+                                     _kernel_mask(mask), temperature, clips, tp_group, inplace_backward)
+    else:
+        out = reference.grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask,
+                                  temperature=temperature, tp_group=tp_group, **clips)
+    return tuple(t.reshape(shape) for t in out)

@@ -116,10 +116,15 @@ def grad_logits(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, d
 
 
 class GRPOLossFunction(torch.autograd.Function):
+    """Row statistics in Triton, the per-token algebra (``reference.py``'s conventions) on ``[T]``
+    tensors in torch, and the logits gradient written by one Triton pass."""
+
     @staticmethod
-    def forward(ctx, logits, labels, old_logprobs, ref_logprobs, advantages, mask, temperature, clip_low,
-                clip_high, kl_beta, tp_group, inplace_backward):
+    def forward(ctx, logits, labels, old_logprobs, ref_logprobs, advantages, mask, temperature, clips, tp_group,
+                inplace_backward):
         ctx.set_materialize_grads(False)  # an unused output's gradient is None, not 0 * (a maybe-inf factor)
+        clip_low, clip_high, clip_c = clips["clip_low"], clips["clip_high"], clips["clip_ratio_c"]
+        kl_beta, bound = clips["kl_beta"], clips["kl_log_ratio_max"]
         keep = mask.bool()
         lse, target = row_stats(logits, labels, mask, temperature, tp_group)
         logp = torch.where(keep, target - lse, 0.0)
@@ -129,15 +134,20 @@ class GRPOLossFunction(torch.autograd.Function):
         unclipped = torch.where(adv == 0, 0.0, ratio * adv)
         clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
         pg = -torch.minimum(unclipped, clipped)
-        exp_delta = torch.exp(ref_logprobs.float() - logp)
-        k3 = exp_delta - (ref_logprobs.float() - logp) - 1
+        dual = (adv < 0) & (ratio > clip_c) if clip_c is not None else torch.zeros_like(keep)
+        if clip_c is not None:
+            pg = torch.where(dual, -adv * clip_c, pg)  # a negative advantage's loss is capped at -A*c
+        raw_delta = ref_logprobs.float() - logp
+        delta = torch.clamp(raw_delta, -bound, bound)
+        exp_delta = torch.exp(delta)
+        k3 = exp_delta - delta - 1
         # kl_beta = 0 switches the KL term off: an overflowing k3 must not turn 0 * inf into NaN
         loss = torch.where(keep, pg + kl_beta * k3 if kl_beta else pg, 0.0)
         k3 = torch.where(keep, k3, 0.0)
-        # d(pg)/d(logp): -A*r unless the clipped branch is the smaller one (then 0)
-        clip_active = ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))
+        # d(pg)/d(logp): -A*r unless a clip (either side, or the dual clip) is the active branch
+        clip_active = ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)) | dual
         dpg = torch.where(clip_active, 0.0, -unclipped)
-        dk3 = 1 - exp_delta
+        dk3 = torch.where(raw_delta.abs() <= bound, 1 - exp_delta, 0.0)  # d k3 / d logp; 0 where clamped
         ctx.save_for_backward(logits, labels, lse, keep, dpg, dk3)
         ctx.temperature, ctx.kl_beta, ctx.tp_group, ctx.inplace = temperature, kl_beta, tp_group, inplace_backward
         return loss, logp, k3
@@ -155,4 +165,4 @@ class GRPOLossFunction(torch.autograd.Function):
         dlogp = torch.where(keep, dlogp, 0.0)
         grad = grad_logits(logits, labels, lse, dlogp, ctx.temperature, ctx.tp_group,
                            out=logits if ctx.inplace else None)
-        return grad, None, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None

@@ -3,7 +3,8 @@ tested against. Log-softmax runs in fp32 from any input dtype.
 
 Conventions (see DESIGN.md), per token with temperature T:
   logp = z_y/T - logsumexp(z/T);  r = exp(logp - logp_old)
-  loss = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) + kl_beta * k3,  k3 = exp(d) - d - 1, d = ref - logp
+  pg = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A), and for A < 0 at most -A*clip_ratio_c (dual clip)
+  loss = pg + kl_beta * k3,  k3 = exp(d) - d - 1,  d = clamp(ref - logp, -kl_log_ratio_max, kl_log_ratio_max)
 """
 
 from __future__ import annotations
@@ -88,22 +89,25 @@ def masked_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torc
 
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
-              clip_high: float = 0.2, kl_beta: float = 0.0, tp_group=None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              clip_high: float = 0.2, clip_ratio_c: Optional[float] = 3.0, kl_beta: float = 0.0,
+              kl_log_ratio_max: float = 20.0, tp_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (loss, logp, k3) in fp32; masked tokens give 0 and no gradient."""
     keep = mask.bool()
     logp = masked_token_logprobs(logits, labels, keep, temperature=temperature, tp_group=tp_group)
     adv = advantages.detach().float()  # gradients go to the logits only, as on the Triton path
     log_ratio = logp - old_logprobs.detach().float()
     ratio = torch.exp(log_ratio.detach())
-    # where the clipped branch wins, or A = 0, the policy term has no gradient: cut the graph
-    # before exp so an overflowing ratio cannot turn that 0 into 0 * inf = NaN
-    no_grad = (adv == 0) | ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))
+    dual = (adv < 0) & (ratio > clip_ratio_c) if clip_ratio_c is not None else torch.zeros_like(keep)
+    # where a clip wins, or A = 0, the policy term has no gradient: cut the graph before exp so
+    # an overflowing ratio cannot turn that 0 into 0 * inf = NaN
+    no_grad = (adv == 0) | ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)) | dual
     ratio = torch.exp(torch.where(no_grad, log_ratio.detach(), log_ratio))
     unclipped = torch.where(adv == 0, 0.0, ratio * adv)
     pg = -torch.minimum(unclipped, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
-    delta = ref_logprobs.detach().float() - logp
+    if clip_ratio_c is not None:
+        pg = torch.where(dual, -adv * clip_ratio_c, pg)
+    delta = torch.clamp(ref_logprobs.detach().float() - logp, -kl_log_ratio_max, kl_log_ratio_max)
     k3 = torch.exp(delta) - delta - 1
-    loss = pg + kl_beta * k3 if kl_beta else pg  # kl_beta = 0: an overflowing k3 must not make NaN
+    loss = pg + kl_beta * k3 if kl_beta else pg  # kl_beta = 0: the KL term is off entirely
     zero = torch.zeros_like(loss)
     return torch.where(keep, loss, zero), logp, torch.where(keep, k3, zero)

@@ -9,6 +9,12 @@ On a CUDA machine nothing here changes megatron-core. On a machine without CUDA,
   land on the CPU, through a :class:`torch.overrides.TorchFunctionMode`, so that
   megatron-core's own source stays untouched. (Modes are off inside autograd backward
   functions; megatron-core's backward code only uses ``current_device()``, covered above.)
+  Torch function modes are per thread: every thread started after :func:`use_cpu_backend`
+  (data loading, rollout, async saves) enters its own copy of the mode.
+
+It also chooses what differs by platform without a CPU branch anywhere else: the fusions
+megatron-core may use (:func:`fusion_config`) and how inputs are validated in the hot path
+(:func:`check`: a named error on the host, an asynchronous device assertion on a GPU).
 
 No other module of the project may special-case the CPU.
 """
@@ -69,6 +75,16 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_thread_start = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+
+
+def _bootstrap_inner_with_cpu_mode(self) -> None:
+    """``Thread._bootstrap_inner`` of every thread started once the CPU backend is on: the
+    CUDA-to-CPU mode is entered before the thread's ``run`` (modes live on a per-thread stack)."""
+    with _CudaToCpuMode():
+        _thread_start(self)
+
+
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
     return torch.get_rng_state()
 
@@ -101,6 +117,7 @@ def use_cpu_backend() -> None:
         mc_random._set_cuda_rng_state = _cpu_set_rng_state
         _cpu_mode = _CudaToCpuMode()
         _cpu_mode.__enter__()
+        threading.Thread._bootstrap_inner = _bootstrap_inner_with_cpu_mode  # type: ignore[attr-defined]
 
 
 def init_distributed(
@@ -163,6 +180,41 @@ def shutdown_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def fusion_config(backend: str, *, gradient_accumulation: bool = False) -> dict[str, bool]:
+    """megatron-core fusion switches for this platform and layer backend (``local`` or ``te``).
+
+    On CUDA the jit-fused SwiGLU and bias-dropout-add are on. Fusing the weight-gradient
+    accumulation into the GEMM needs Transformer Engine's linear layers (the local ones would
+    need Apex) and ``main_grad`` buffers, which only megatron-core's DDP wrapper provides: the
+    trainer asks for it with ``gradient_accumulation``. RoPE fusion stays off everywhere: TE's
+    fused THD kernel indexes one frequency row per position within a sequence, but M-RoPE needs
+    one per token (3-D positions). Softmax and layer-norm fusions belong to modules we do not use.
+    """
+    cuda = has_cuda()
+    return dict(
+        bias_activation_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        gradient_accumulation_fusion=cuda and backend == "te" and gradient_accumulation,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def check(condition: torch.Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """Validate a tensor condition without a host sync in the GPU hot path.
+
+    On the host the condition is read at once and a failure raises ``error(message)``; on a GPU
+    it becomes :func:`torch._assert_async`, which never waits for the device (a failure surfaces
+    as a device-side assertion carrying ``message`` at the next synchronisation).
+    """
+    if condition.device.type == "cpu":
+        if not bool(condition.all()):
+            raise error(message)
+    else:
+        torch._assert_async(condition.all(), message)
 
 
 def has_transformer_engine() -> bool:

@@ -32,6 +32,29 @@ def model_parallel_1():
     platform.shutdown_distributed()
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The offline Qwen tokenizer (Qwen's BPE ranks and special-token ids), built once."""
+    from megatron_vr1.data import build_offline_tokenizer
+
+    return build_offline_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from megatron_vr1.data import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def args():
+    """The tiny model's arguments (``conf/model/tiny.yaml``: Qwen's vocabulary and token ids)."""
+    from megatron_vr1.config import load_model_conf, model_from_conf
+
+    return model_from_conf(load_model_conf("tiny"))[0]
+
+
 def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> None:
     """Launch ``tests/<script>`` on ``nproc`` CPU processes; fail with their output if they fail."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

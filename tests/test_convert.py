@@ -70,6 +70,11 @@ def test_checkpoint_loads_at_tp2_pp2_exports_and_resaves(tmp_path, tied):
         assert r["mismatched"] == []
         assert sorted(r["exported"]) == r["reference"] and len(r["exported"]) == len(set(r["exported"]))
         assert r["oversized"] >= 1 and r["buckets"] > r["oversized"]
+        # weight sync moves flat buckets, each on the platform's device (NCCL cannot move CPU
+        # tensors): per bucket one TP all-gather on its stage and one PP broadcast
+        assert r["devices"] == [r["platform_device"]]
+        assert all(c.endswith(":" + r["platform_device"]) for c in r["collectives"]), r["collectives"]
+        assert len(r["collectives"]) <= 2 * r["buckets"] and r["buckets"] < len(r["exported"]) / 2
         if r["last_stage"]:
             assert r["logit_diff"] <= 1e-4
     # the trainers' checkpoint (saved at TP=2 x PP=2) converts back to the original tensors
@@ -245,8 +250,11 @@ def test_load_and_save_check_what_they_touch(tmp_path, model_parallel_1, monkeyp
     monkeypatch.setattr(dist_checkpointing, "save", preempted)
     with pytest.raises(OSError, match="preempted"):
         save_model(model, tmp_path / "mcore", overwrite=True)
+    load_model(model, tmp_path / "mcore")  # a save that died leaves the previous checkpoint in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mcore"]  # and nothing half-written beside it
+    (tmp_path / "mcore" / "megatron_vr1.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a complete megatron-vr1 checkpoint"):
-        load_model(model, tmp_path / "mcore")  # a save that died is never taken for a checkpoint
+        load_model(model, tmp_path / "mcore")  # a folder without the metadata is never taken for a checkpoint
 
 
 def test_cli_user_errors_are_one_line_and_nan_fails_verify(tmp_path, capsys):

@@ -8,23 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_vr1.config import load_model_conf, model_from_conf
+from megatron_vr1.config import load_model_conf
 from megatron_vr1.data import (EvalDataset, ImageError, RecordError, RLDataset, SampleError, SFTDataset, balance,
-                               build_sample, fill_ratio, load_tokenizer, pack, pack_balanced, packed_batch,
-                               load_image, process_images, tokenize_chat)
-from megatron_vr1.data.tokenizer import CHAT_TEMPLATE, QWEN2_PATTERN, build_offline_tokenizer, qwen_bpe_ranks
+                               build_sample, collate_padded, fill_ratio, pack, pack_balanced,
+                               packed_batch, load_image, process_images, tokenize_chat)
+from megatron_vr1.data.tokenizer import CHAT_TEMPLATE, QWEN2_PATTERN, qwen_bpe_ranks
 
 SIZES = [(640, 480), (1280, 720), (300, 2000)]
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    return load_tokenizer(build_offline_tokenizer(tmp_path_factory.mktemp("tokenizer")))
-
-
-@pytest.fixture(scope="session")
-def args():
-    return model_from_conf(load_model_conf("tiny"))[0]
 
 
 def _image(w, h, seed=0):
@@ -312,20 +302,62 @@ def test_pack_fills_long_tailed_rollouts():
         pack([10, 20000], 16384)
 
 
+def _qa(tokenizer, args, i, size=None):
+    """A one-turn sample; with ``size`` it carries one image of that size."""
+    if size is None:
+        return build_sample(tokenizer, args, [{"role": "user", "content": f"Q{i}?"},
+                                              {"role": "assistant", "content": f"A{i}."}],
+                            *process_images([]))
+    pixels, grid = process_images([_image(size[0], size[1], i)])
+    return build_sample(tokenizer, args, [{"role": "user", "content": "<image>Q?"},
+                                          {"role": "assistant", "content": f"A{i}."}], pixels, grid)
+
+
 def test_packed_batch_keeps_sequences_apart(tokenizer, args):
-    samples = []
-    for i, (w, h) in enumerate(SIZES[:2]):
-        pixels, grid = process_images([_image(w // 2, h // 2, i)])
-        samples.append(build_sample(tokenizer, args, [{"role": "user", "content": "<image>Q?"},
-                                                      {"role": "assistant", "content": f"A{i}."}], pixels, grid))
-    batch = packed_batch(samples)
-    cu = batch["cu_seqlens"].tolist()
+    samples = [_qa(tokenizer, args, i, (w // 2, h // 2)) for i, (w, h) in enumerate(SIZES[:2])]
+    batch = packed_batch(samples, args)
+    cu = batch.cu_seqlens.tolist()
     assert cu == [0, len(samples[0]), len(samples[0]) + len(samples[1])]
-    assert batch["labels"][cu[1] - 1] == -100  # never the next sequence's first token
-    assert batch["position_ids"][0, 0, cu[1]] == 0  # positions restart
-    assert torch.equal(batch["position_ids"][:, 0, cu[1]:], samples[1].position_ids)
-    trained = batch["input_ids"][0][1:][batch["loss_mask"][:-1]]
-    assert tokenizer.decode(trained) == "A0.<|im_end|>A1.<|im_end|>"
+    assert batch.input_ids.shape == batch.labels.shape == batch.loss_mask.shape == (1, cu[-1])
+    assert batch.labels[0, cu[1] - 1] == -100  # never the next sequence's first token
+    assert batch.position_ids[0, 0, cu[1]] == 0  # positions restart
+    assert torch.equal(batch.position_ids[:, 0, cu[1]:], samples[1].position_ids)
+    assert tokenizer.decode(batch.labels[batch.loss_mask]) == "A0.<|im_end|>A1.<|im_end|>"
+    assert torch.equal(batch.loss_mask, batch.labels != -100)
+    image_id = args.image_token_id
+    assert torch.equal(batch.image_positions, (batch.input_ids[0] == image_id).nonzero()[:, 0])
+    assert batch.vision.num_patches == batch.pixel_values.shape[0]
+
+
+def test_packed_batch_pads_to_a_multiple_without_new_labels(tokenizer, args):
+    samples = [_qa(tokenizer, args, 0), _qa(tokenizer, args, 1, (64, 48))]
+    plain = packed_batch(samples, args)
+    padded = packed_batch(samples, args, pad_to_multiple_of=8, pad_id=151643)
+    total = plain.input_ids.shape[1]
+    assert padded.input_ids.shape[1] % 8 == 0 and padded.input_ids.shape[1] >= total
+    assert total % 8, "the case must need padding"
+    assert torch.equal(padded.labels[:, :total], plain.labels) and (padded.labels[:, total:] == -100).all()
+    assert padded.num_tokens == total and padded.num_sequences == 2
+    params = padded.packed_seq_params()  # the padding is its own block for attention
+    assert params.cu_seqlens_q.tolist() == plain.cu_seqlens.tolist() + [padded.input_ids.shape[1]]
+    # nothing to do: one fully masked padding block, so the rank runs the same schedule
+    empty = packed_batch([], args, pad_to_multiple_of=4)
+    assert empty.input_ids.shape == (1, 4) and not empty.loss_mask.any() and empty.num_sequences == 0
+    assert empty.packed_seq_params().cu_seqlens_q.tolist() == [0, 4]
+
+
+def test_collate_padded_keeps_the_loss_mask_and_labels_no_padding(tokenizer, args):
+    samples = [_qa(tokenizer, args, 0, (64, 48)), _qa(tokenizer, args, 1)]
+    for side in ("right", "left"):
+        batch = collate_padded(samples, pad_id=151643, args=args, side=side, pad_to_multiple_of=4)
+        assert batch.input_ids.shape[1] % 4 == 0
+        for row, sample in enumerate(samples):
+            real = batch.attention_mask[row].bool()
+            assert torch.equal(batch.input_ids[row][real], sample.input_ids)
+            # the labels of a row are exactly its reply's tokens, wherever the padding is
+            assert tokenizer.decode(batch.labels[row][batch.loss_mask[row]]) == f"A{row}.<|im_end|>"
+            assert (batch.labels[row][~real] == -100).all()
+        assert torch.equal(batch.image_positions, (batch.input_ids == args.image_token_id).reshape(-1).nonzero()[:, 0])
 
 
 # ---------------------------------------------------------------------------- demo data
@@ -356,3 +388,14 @@ def test_edited_file_is_read_again(tmp_path, tokenizer, args):
     assert [p.answer for p in RLDataset(path, tokenizer, args)] == ["1"]
     path.write_text(json.dumps({"problem": "<image>Q?", "images": ["img/a.png"], "answer": "22"}))
     assert [p.answer for p in RLDataset(path, tokenizer, args)] == ["22"]  # no stale cache
+
+
+def test_the_data_layer_does_not_import_the_model_stack():
+    """Data workers and the rollout engine use the data layer without paying for megatron-core."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_vr1.data; "
+            "print(sorted(m for m in sys.modules if m == 'megatron.core' or m == 'triton'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

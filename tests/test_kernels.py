@@ -143,7 +143,7 @@ def test_masked_rows_zero_advantage_and_extreme_ratios(backend):
     adv[2] = abs(float(adv[2])) + 0.5
     old[3] = old[3] + 30.0               # ratio e^-30 with A<0 -> clipped
     adv[3] = -abs(float(adv[3])) - 0.5
-    old[4] = old[4] - 30.0               # ratio e^30 with A<0 -> unclipped, huge gradient
+    old[4] = old[4] - 30.0               # ratio e^30 with A<0 -> dual-clipped at -3A, no pg gradient
     adv[4] = -0.5
     logits[5] = float("nan")             # masked: never read
     case = (logits, labels, old, ref, adv, mask)
@@ -153,10 +153,15 @@ def test_masked_rows_zero_advantage_and_extreme_ratios(backend):
     assert loss[1] == 0 and logp[1] == 0 and kl[1] == 0 and (grad[[1, 5]] == 0).all()
     # clipped rows: only the KL and logp terms act
     kl_only = _run(backend, *case, weights=(0.0, 0.3, 0.2), **KW)[3]
-    for row in (2, 3):
+    for row in (2, 3, 4):
         kl_grad = _run(backend, *case, weights=(1.0, 0.0, 0.0), **dict(KW, kl_beta=0.0))[3][row]
         assert kl_grad.abs().max() == 0, row
     assert torch.isfinite(kl_only).all()
+    assert loss[4] == pytest.approx(0.5 * 3 + 0.04 * float(kl[4]), rel=1e-6)  # -A * clip_ratio_c + beta * k3
+    # without the dual clip the same row is the unbounded PPO loss, as the textbook has it
+    no_dual = dict(KW, clip_ratio_c=None)
+    _assert_match(_run(backend, *case, **no_dual), _textbook(*case, **no_dual), rtol=1e-5, atol=1e-5)
+    assert _run(backend, *case, **no_dual)[0][4] > 1e10
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -258,11 +263,10 @@ def test_packed_loss_and_aggregations_equal_sequences_alone(backend):
         per_seq.append(loss[keep].mean())
         all_tokens.append(loss[keep])
     flat = torch.cat(all_tokens)
-    torch.testing.assert_close(aggregate_loss(per_token, mask, mode="token-mean", cu_seqlens=cu), flat.mean())
-    torch.testing.assert_close(aggregate_loss(per_token, mask, mode="seq-mean-token-mean", cu_seqlens=cu),
-                               torch.stack(per_seq).mean())
-    torch.testing.assert_close(aggregate_loss(per_token, mask, mode="dr-grpo", cu_seqlens=cu, max_response_length=16),
-                               flat.sum() / (len(lengths) * 16))
+    agg = lambda mode, **kw: aggregate_loss(per_token, mask, mode=mode, cu_seqlens=cu, **kw).value()  # noqa: E731
+    torch.testing.assert_close(agg("token-mean"), flat.mean())
+    torch.testing.assert_close(agg("seq-mean-token-mean"), torch.stack(per_seq).mean())
+    torch.testing.assert_close(agg("dr-grpo", max_response_length=16), flat.sum() / (len(lengths) * 16))
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -275,7 +279,11 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 100\)"):
         grpo_loss(logits, labels + 100, old, ref, adv, mask)
     with pytest.raises(ValueError, match=r"logits must be \[tokens, vocab\]"):
+        token_logprobs(logits[0], labels[:1])
+    with pytest.raises(ValueError, match=r"labels must have shape \[1, 4\]"):
         token_logprobs(logits[None], labels)
+    with pytest.raises(ValueError, match=r"clip_ratio_c must exceed 1 \+ clip_high"):
+        grpo_loss(logits, labels, old, ref, adv, mask, clip_ratio_c=1.1, clip_high=0.2)
     with pytest.raises(ValueError, match="backend must be"):
         grpo_loss(logits, labels, old, ref, adv, mask, backend="cuda")
     with pytest.raises(ValueError, match="max_response_length"):
@@ -370,7 +378,7 @@ def test_public_names_survive_the_triton_path():
     token_logprobs(logits, labels, backend="triton")
     group_advantages(torch.ones(4), 2, backend="triton")
     for name in kernels.__all__:
-        assert callable(getattr(kernels, name)) and not isinstance(getattr(kernels, name), type(kernels)), name
+        assert not isinstance(getattr(kernels, name), type(kernels)), name  # a module shadowing a public name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -409,9 +417,10 @@ def test_no_signal_gives_no_nan_even_when_exp_overflows(backend):
     mask[:] = True
     logp = _textbook(logits, labels, old, ref, adv, mask, **KW)[1].float()
     adv[0], old[0] = 0.0, logp[0] - 100.0  # ratio e^100 on a token with no advantage
-    ref[1] = logp[1] + 100.0  # k3 = e^100 - 101
+    ref[1] = logp[1] + 100.0  # k3 = e^100 - 101 once the log-ratio bound is lifted past 100
     x = logits.clone().requires_grad_()
-    loss, _, kl = grpo_loss(x, labels, old, ref, adv, mask, backend=backend, **dict(KW, kl_beta=0.0))
+    loss, _, kl = grpo_loss(x, labels, old, ref, adv, mask, backend=backend,
+                            **dict(KW, kl_beta=0.0, kl_log_ratio_max=200.0))
     loss.sum().backward()  # the objective leaves k3 out (0 * inf would be NaN in the forward too)
     grad = x.grad
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (loss, grad.isfinite().all(1))
@@ -459,7 +468,7 @@ def test_empty_batches(backend):
     loss, logp, kl, grad = _run(backend, logits, labels, old, ref, adv, mask, **KW)
     assert loss.shape == logp.shape == kl.shape == (0,) and grad.shape == (0, 64)
     for mode in ("token-mean", "seq-mean-token-mean", "dr-grpo"):
-        assert aggregate_loss(loss, mask, mode=mode, max_response_length=8) == 0
+        assert aggregate_loss(loss, mask, mode=mode, max_response_length=8).value() == 0
 
 
 def test_torch_reference_gradients_reach_the_logits_only():
@@ -482,4 +491,75 @@ def test_dr_grpo_counts_every_sequence_given():
     mask = torch.ones(5)
     for cu in ([0, 3, 5, 5], [0, 0, 3, 5], [0, 3, 3, 5]):  # an empty sequence anywhere counts the same
         got = aggregate_loss(per_token, mask, mode="dr-grpo", cu_seqlens=torch.tensor(cu), max_response_length=4)
-        torch.testing.assert_close(got, torch.tensor(5 / (3 * 4)))
+        torch.testing.assert_close(got.value(), torch.tensor(5 / (3 * 4)))
+
+
+def test_shift_labels_of_padded_rows_never_label_padding():
+    right, left = torch.tensor([[5, 6, 0, 0]]), torch.tensor([[0, 0, 5, 6]])
+    assert shift_labels(right, attention_mask=right != 0).tolist() == [[6, -100, -100, -100]]
+    assert shift_labels(left, attention_mask=left != 0).tolist() == [[-100, -100, 6, -100]]
+    # only targets (e.g. assistant tokens) become labels, in packed and padded batches alike
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    target = torch.tensor([[0, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    assert shift_labels(ids, target_mask=target).tolist() == [[-100, 3, 4, -100, 6, -100]]
+    assert shift_labels(ids, torch.tensor([0, 3, 6]), target_mask=target).tolist() == [[-100, 3, -100, -100, 6, -100]]
+    # rows past the last sequence are padding (a packed batch padded to a multiple of TP)
+    assert shift_labels(ids, torch.tensor([0, 2, 4])).tolist() == [[2, -100, 4, -100, -100, -100]]
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        shift_labels(ids, torch.tensor([0, 4, 2]))
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        shift_labels(ids, torch.tensor([0, 7]))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "dr-grpo"])
+def test_loss_sums_over_micro_batches_give_the_global_objective(mode):
+    """Uneven micro-batches: ten 1s in one, one 0 in the other. Per-call means would give 0.5
+    for the token mean; the global objective is 10/11."""
+    g = torch.Generator().manual_seed(0)
+    parts = [(torch.ones(10), [0, 4, 10]), (torch.zeros(1), [0, 1]), (torch.rand(7, generator=g), [0, 3, 3, 7])]
+    sums = [aggregate_loss(loss, torch.ones_like(loss), mode=mode, cu_seqlens=torch.tensor(cu), max_response_length=6)
+            for loss, cu in parts]
+    total, count = sum(s.total for s in sums), sum(s.count for s in sums)
+    whole = torch.cat([loss for loss, _ in parts])
+    cu_whole = torch.tensor([0, 4, 10, 11, 14, 14, 18])
+    expected = aggregate_loss(whole, torch.ones_like(whole), mode=mode, cu_seqlens=cu_whole, max_response_length=6)
+    torch.testing.assert_close(total / count, expected.value())
+    if mode == "token-mean":
+        first_two = (sums[0].total + sums[1].total) / (sums[0].count + sums[1].count)
+        assert first_two.item() == pytest.approx(10 / 11)
+    naive = torch.stack([s.value() for s in sums]).mean()
+    assert not torch.isclose(naive, expected.value())
+
+
+def test_padded_rows_are_sequences_of_their_own():
+    per_token = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert aggregate_loss(per_token, mask, mode="seq-mean-token-mean").value() == pytest.approx((2.0 + 2.0) / 2)
+    assert aggregate_loss(per_token, mask, mode="dr-grpo", max_response_length=3).value() == pytest.approx(6 / 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_log_ratio_is_bounded(backend):
+    logits, labels, old, ref, adv, mask = _case(t=4, v=300, seed=7)
+    ref = ref.clone()
+    ref[2] = ref[2] + 60.0  # ref - logp far beyond the bound: exp would overflow fp32
+    loss, logp, kl, grad = _run(backend, logits, labels, old, ref, adv, mask, weights=(0.0, 0.0, 1.0), **KW)
+    d = 20.0
+    assert kl[2].item() == pytest.approx(torch.tensor(d).exp().item() - d - 1, rel=1e-5)
+    assert torch.isfinite(loss).all() and (grad[2] == 0).all() and grad[0].abs().sum() > 0
+    _assert_match(_run(backend, logits, labels, old, ref, adv, mask, **KW),
+                  _textbook(logits, labels, old, ref, adv, mask, **KW), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_logits_take_the_model_layout(backend):
+    """``[1, T, V]`` logits with ``[1, T]`` per-token tensors (the packed batch's layout)."""
+    case = _case(t=6, v=500, seed=9)
+    flat = _run(backend, *case, **KW)
+    logits, *rest = case
+    batched = grpo_loss(logits[None], *(x[None] for x in rest), backend=backend, **KW)
+    assert all(b.shape == (1, 6) for b in batched)
+    for a, b in zip(flat[:3], batched):
+        torch.testing.assert_close(a, b[0])
+    lp = token_logprobs(logits[None], rest[0][None], mask=rest[-1][None], temperature=0.8, backend=backend)
+    torch.testing.assert_close(lp[0], flat[1])

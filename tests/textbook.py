@@ -21,8 +21,12 @@ def advantages(rewards: list[float], sizes: list[int], std, eps: float) -> list[
     return out
 
 
-def grpo(logits: torch.Tensor, labels, old, ref, adv, mask, *, temperature, clip_low, clip_high, kl_beta):
-    """Per-token (loss, logp, k3) from full-vocab logits in float64, differentiable."""
+def grpo(logits: torch.Tensor, labels, old, ref, adv, mask, *, temperature, clip_low, clip_high, kl_beta,
+         clip_ratio_c=3.0, kl_log_ratio_max=20.0):
+    """Per-token (loss, logp, k3) from full-vocab logits in float64, differentiable.
+
+    Dual clip (verl): a negative advantage's loss is ``min(PPO loss, -A * clip_ratio_c)``; k3's
+    log-ratio is clamped to ``+-kl_log_ratio_max``."""
     z = logits.double() / temperature
     losses, logps, kls = [], [], []
     for t in range(z.shape[0]):
@@ -34,7 +38,9 @@ def grpo(logits: torch.Tensor, labels, old, ref, adv, mask, *, temperature, clip
         r = torch.exp(logp - float(old[t]))
         a = float(adv[t])
         pg = -torch.minimum(r * a, torch.clamp(r, 1 - clip_low, 1 + clip_high) * a)
-        d = float(ref[t]) - logp
+        if a < 0 and clip_ratio_c is not None:
+            pg = torch.minimum(pg, torch.tensor(-a * clip_ratio_c, dtype=pg.dtype))
+        d = torch.clamp(float(ref[t]) - logp, -kl_log_ratio_max, kl_log_ratio_max)
         k3 = torch.exp(d) - d - 1
         losses.append(pg + kl_beta * k3); logps.append(logp); kls.append(k3)
     return torch.stack(losses), torch.stack(logps), torch.stack(kls)

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..models.qwen2_5_vl.hf_mapping import canonical_hf_name
+from .atomic import remove, replace_dir, sibling
 
 # Files a Qwen2.5-VL checkpoint folder carries besides weights and config.json.
 SIDE_FILES = (
@@ -109,8 +110,8 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[str | 
     """A temporary sibling folder that becomes ``out`` only if the block finishes.
 
     Without ``overwrite`` an ``out`` that is (or becomes, while the block runs) non-empty is
-    never touched: the final rename fails instead. With it, the old ``out`` is moved aside and
-    removed only once the new one is in place. ``out`` may not be, or contain, an input.
+    never touched: the final rename fails instead. With it, the new folder replaces the old one
+    atomically (:func:`.atomic.replace_dir`). ``out`` may not be, or contain, an input.
     """
     out = Path(out)
     for source in inputs:
@@ -120,8 +121,8 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[str | 
     if _occupied(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = sibling(out, "incomplete")
+    remove(tmp)
     tmp.mkdir()
     try:
         yield tmp
@@ -132,15 +133,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[str | 
                 raise FileExistsError(f"{out} appeared while converting and is not empty; "
                                       f"nothing was written (pass --overwrite to replace it)") from e
         else:
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.rename(out, old)  # a symlink moves as a link: its target is left alone
-            os.rename(tmp, out)
-            if old.is_symlink() or old.is_file():
-                old.unlink()
-            else:
-                shutil.rmtree(old)
+            replace_dir(tmp, out)  # a symlink is replaced as a link: its target is left alone
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
 from ..models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs
 from ..models.qwen2_5_vl.hf_mapping import local_to_global_name
+from .atomic import clear_stale, recover, remove, replace_dir, sibling
 
 METADATA_FILE = "megatron_vr1.json"
 _LM_LAYERS = "language_model.decoder.layers."
@@ -54,6 +55,7 @@ def write_metadata(ckpt_dir: Path, args: Qwen25VLArgs, layout: ParallelLayout, d
 
 
 def read_metadata(ckpt_dir: str | Path) -> dict:
+    recover(Path(ckpt_dir))
     path = Path(ckpt_dir) / METADATA_FILE
     if not path.exists():
         raise FileNotFoundError(f"{ckpt_dir} is not a complete megatron-vr1 checkpoint (no {METADATA_FILE}: "
@@ -182,34 +184,46 @@ def iter_checkpoint_params(model: torch.nn.Module, ckpt_dir: Path, dtype: torch.
         yield local_to_global_name(key, 0), loaded[key].reshape(shape)
 
 
-def save_model(model: torch.nn.Module, ckpt_dir: str | Path, *, overwrite: bool = False) -> None:
+def save_model(model: torch.nn.Module, ckpt_dir: str | Path, *, overwrite: bool = False,
+               metadata: dict | None = None) -> None:
     """Checkpoint a live (sharded) model, with the metadata ``mcore-to-hf`` needs; collective.
 
-    The metadata file is written last, after every rank has finished, and is what marks the
-    checkpoint complete: a save that dies midway leaves a folder ``load_model`` refuses. An
-    existing checkpoint is replaced only with ``overwrite``.
+    Every rank writes into a hidden folder beside ``ckpt_dir``; once all are done rank 0 adds the
+    metadata file and puts the folder in place of ``ckpt_dir`` in one atomic step
+    (:mod:`.atomic`). A save that dies at any point leaves ``ckpt_dir`` as it was: the previous
+    checkpoint stays loadable. An existing checkpoint is replaced only with ``overwrite``.
+    ``metadata`` adds entries to the metadata file.
     """
     ckpt_dir = Path(ckpt_dir)
+    box: list = [None, None]
     if torch.distributed.get_rank() == 0:
         if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not overwrite:
-            error = f"{ckpt_dir} exists and is not empty (pass overwrite=True to replace it)"
+            box[0] = f"{ckpt_dir} exists and is not empty (pass overwrite=True to replace it)"
         else:
-            error = ""
-            if ckpt_dir.exists():  # asked to replace: no stale shard of another layout may stay
-                shutil.rmtree(ckpt_dir)
-            ckpt_dir.mkdir(parents=True)
-    else:
-        error = None
-    box = [error]
+            ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+            recover(ckpt_dir)
+            clear_stale(ckpt_dir, "incomplete")  # left by saves that were killed
+            clear_stale(ckpt_dir, "replaced")
+            tmp = sibling(ckpt_dir, "incomplete")
+            tmp.mkdir()
+            box[1] = str(tmp)
     torch.distributed.broadcast_object_list(box, src=0)  # every rank raises, or none does
     if box[0]:
         raise FileExistsError(box[0])
-    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        dtype = next(model.parameters()).dtype
-        write_metadata(ckpt_dir, model.args, model.layout, dtype, model.padded_vocab_size, extra={"source": "training"})
-    torch.distributed.barrier()
+    tmp = Path(box[1])
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            dtype = next(model.parameters()).dtype
+            write_metadata(tmp, model.args, model.layout, dtype, model.padded_vocab_size,
+                           extra={"source": "training", **(metadata or {})})
+            replace_dir(tmp, ckpt_dir)
+        torch.distributed.barrier()
+    except BaseException:
+        if torch.distributed.get_rank() == 0:
+            remove(tmp)
+        raise
 
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
@@ -229,5 +243,24 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
             f"{ckpt_dir} holds a vocab padded to {meta['padded_vocab_size']} rows but this model pads to "
             f"{padded} (tensor_parallel / make_vocab_size_divisible_by differ); convert again for this layout"
         )
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state, strict=True)
+    sharded = model.sharded_state_dict()
+    absent = _absent_extra_states(sharded, ckpt_dir)
+    for key in absent:
+        del sharded[key]
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(absent):
+        raise ValueError(f"{ckpt_dir} does not fit this model: missing {sorted(set(missing) - set(absent))[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
+def _absent_extra_states(sharded: dict, ckpt_dir: str | Path) -> list[str]:
+    """Transformer Engine modules carry an ``_extra_state`` object (FP8 scaling metadata) that a
+    checkpoint written by local-spec layers (the converter, a CPU run) does not have: such a
+    model loads it with TE's defaults, which is exact outside FP8 training."""
+    extra = [k for k, v in sharded.items() if k.endswith("_extra_state") and isinstance(v, ShardedObject)]
+    if not extra:
+        return []
+    saved = {v.key for v in load_sharded_metadata(str(ckpt_dir)).values()
+             if isinstance(v, ShardedObject)}
+    return [k for k in extra if sharded[k].key not in saved]

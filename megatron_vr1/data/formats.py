@@ -6,9 +6,10 @@
 * evaluation: MathVista / MathVerse / MM-Math-style records (``question``, ``image``, ``answer``,
   ``choices``, ``answer_type``).
 
-Records stay on disk (Arrow, memory-mapped) and images are decoded one sample at a time. A bad
-record raises an error that names it, or, with ``skip_bad_samples``, is skipped and counted in
-``report`` — never dropped silently.
+The datasets are map-style over their Arrow rows (records stay on disk, memory-mapped; images
+are decoded one sample at a time, in DataLoader workers under :mod:`.loader`). A bad record
+raises an error that names it, or, with ``skip_bad_samples``, becomes a :class:`Skipped` entry
+that readers count in a :class:`SkipReport` — never dropped silently.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class RecordError(ValueError):
     """A record that cannot be used, named by file and index."""
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A record left out under ``skip_bad_samples``: what ``dataset[i]`` returns instead of a sample."""
+
+    record: str  # file and index (and id) of the record
+    reason: str  # error type and the start of its message
+
+
 @dataclass
 class SkipReport:
     """Records skipped under ``skip_bad_samples``, by reason."""
@@ -41,8 +50,8 @@ class SkipReport:
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
-    def add(self, record: str, error: Exception) -> None:
-        reason = type(error).__name__ + ": " + str(error).split(":")[0][:80]
+    def add(self, skipped: Skipped) -> None:
+        record, reason = skipped.record, skipped.reason
         self.counts[reason] += 1
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 5:
@@ -217,9 +226,10 @@ def eval_record(record: dict) -> dict:
             "answer_type": record.get("answer_type")}
 
 
-class _RecordSource:
-    """Records of one file turned into samples; per-record failures become named errors or
-    counted skips. ``image_root`` defaults to the data file's folder."""
+class _RecordSource(torch.utils.data.Dataset):
+    """Records of one file turned into samples, by index (map-style); per-record failures become
+    named errors or, with ``skip_bad_samples``, :class:`Skipped` entries. ``image_root`` defaults
+    to the data file's folder."""
 
     default_max_tokens = 16384
     default_system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
@@ -239,25 +249,35 @@ class _RecordSource:
     def build(self, record: dict):
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator:
-        return self._each(self.build)
-
     def __len__(self) -> int:
         return len(self.records)
 
-    def _each(self, build) -> Iterator[Any]:
-        self.report = SkipReport()  # each pass counts its own skips: a bad record once per epoch
-        for index, row in enumerate(self.records):
-            name = row.get("where") or f"{self.path.name}[{index}]"
-            try:
-                record = _record(row)
-                if "id" in record:
-                    name += f" (id {record['id']})"
-                yield build(record)
-            except (SampleError, ImageError, RecordError) as e:
-                if not self.skip_bad_samples:
-                    raise type(e)(f"{name}: {e}") from e
-                self.report.add(name, e)
+    def __getitem__(self, index: int):
+        """The sample of record ``index``, or a :class:`Skipped` entry for a bad record under
+        ``skip_bad_samples`` (else the record's error, naming it)."""
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"{self.path.name}: record {index} out of range (0..{len(self.records) - 1})")
+        row = self.records[int(index)]
+        name = row.get("where") or f"{self.path.name}[{index}]"
+        try:
+            record = _record(row)
+            if "id" in record:
+                name += f" (id {record['id']})"
+            return self.build(record)
+        except (SampleError, ImageError, RecordError) as e:
+            if not self.skip_bad_samples:
+                raise type(e)(f"{name}: {e}") from e
+            return Skipped(name, type(e).__name__ + ": " + str(e).split(":")[0][:80])
+
+    def __iter__(self) -> Iterator:
+        """Every sample in file order; ``report`` counts this pass's skips (a bad record once per pass)."""
+        self.report = SkipReport()
+        for index in range(len(self)):
+            item = self[index]
+            if isinstance(item, Skipped):
+                self.report.add(item)
+            else:
+                yield item
 
     def _images(self, paths: list[str]):
         return [load_image(p, self.image_root) for p in paths]
@@ -319,16 +339,3 @@ class EvalDataset(RLDataset):
             text = IMAGE_PLACEHOLDER * len(fields["images"]) + text
         extra = {k: v for k, v in fields.items() if k not in ("id", "question", "images", "answer")}
         return self._prompt(fields["id"], text, fields["images"], fields["answer"], extra)
-
-
-def collate_padded(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch for the model: input_ids, attention_mask, position_ids, images."""
-    s = max(len(x) for x in samples)
-    ids = torch.full((len(samples), s), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(samples), s, dtype=torch.long)
-    pos = torch.ones(3, len(samples), s, dtype=torch.long)
-    for i, x in enumerate(samples):
-        ids[i, : len(x)], attn[i, : len(x)], pos[:, i, : len(x)] = x.input_ids, 1, x.position_ids
-    return {"input_ids": ids, "attention_mask": attn, "position_ids": pos,
-            "pixel_values": torch.cat([x.pixel_values for x in samples]),
-            "image_grid_thw": torch.cat([x.image_grid_thw for x in samples])}

@@ -4,15 +4,13 @@
 ``balance`` spreads bins over data-parallel ranks so that every rank gets the same number of
 micro-batches (as megatron-core's schedules require); ``pack_balanced`` also evens out the
 tokens per rank by choosing a multiple of the rank count as the number of bins.
-``packed_batch`` concatenates samples into one THD micro-batch with per-sequence positions.
+``batch.packed_batch`` turns a bin's samples into the micro-batch itself.
 """
 
 from __future__ import annotations
 
 import bisect
 from typing import Sequence
-
-import torch
 
 
 def pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -78,30 +76,3 @@ def pack_balanced(lengths: Sequence[int], max_tokens: int, world_size: int) -> l
         else:
             return balance(bins, lengths, world_size)
         n_bins += world_size
-
-
-def packed_batch(samples: Sequence, ignore_index: int = -100) -> dict[str, torch.Tensor]:
-    """One THD micro-batch: ``input_ids [1, T]``, ``labels [T]`` (never across sequences),
-    ``loss_mask [T]`` (on the label), ``position_ids [3, 1, T]``, ``cu_seqlens``, images."""
-    if not samples:
-        raise ValueError("packed_batch needs at least one sample")
-    ids = torch.cat([s.input_ids for s in samples])
-    labels, loss_mask = [], []
-    for s in samples:
-        lab = torch.full_like(s.input_ids, ignore_index)
-        lab[:-1] = s.input_ids[1:]
-        m = torch.zeros_like(s.loss_mask)
-        m[:-1] = s.loss_mask[1:]  # row t is trained when token t+1 is a target
-        labels.append(torch.where(m, lab, torch.full_like(lab, ignore_index)))
-        loss_mask.append(m)
-    lengths = torch.tensor([len(s) for s in samples])
-    return {
-        "input_ids": ids[None],
-        "labels": torch.cat(labels),
-        "loss_mask": torch.cat(loss_mask),
-        "position_ids": torch.cat([s.position_ids for s in samples], dim=1)[:, None],
-        "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
-        "max_seqlen": int(lengths.max()),
-        "pixel_values": torch.cat([s.pixel_values for s in samples]),
-        "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
-    }

@@ -43,10 +43,10 @@ def main() -> None:
 
     batch = make_case("two_images")
     with torch.no_grad():
-        out = run_forward(model, batch, batch["input_ids"].shape[1])
+        out = run_forward(model, {k: v.to(platform.device()) for k, v in batch.items()}, batch["input_ids"].shape[1])
     if ps.is_pipeline_last_stage():
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(opts.hf, dtype=torch.float32).eval()
-        ours = gather_vocab(out)[..., : args.vocab_size]
+        ours = gather_vocab(out)[..., : args.vocab_size].cpu()
         result["logit_diff"] = (ours - hf_logits(hf, batch)).abs().max().item()
 
     reference = {canonical_hf_name(k): v for k, v in load_file(str(Path(opts.hf) / "model.safetensors")).items()}
@@ -54,7 +54,21 @@ def main() -> None:
         reference.pop("lm_head.weight", None)  # the embedding itself; exported once
     bucket_bytes = 64 << 10  # small, so that some single tensors exceed it
     seen, mismatched, oversized, buckets = [], [], 0, 0
+    # every collective of the sync, with the device of the tensor it moves
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    for name in ("all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast"):
+        real = getattr(dist, name, None)
+        if real is not None:
+            def counting(*a, _real=real, _name=name, **k):
+                tensor = a[0] if isinstance(a[0], torch.Tensor) else a[0][0]
+                calls.append(f"{_name}:{tensor.device.type}")
+                return _real(*a, **k)
+            setattr(dist, name, counting)
+    devices = set()
     for bucket in iter_hf_weights(model, bucket_bytes=bucket_bytes):
+        devices.update(str(t.device.type) for _, t in bucket)
         buckets += 1
         size = sum(t.numel() * t.element_size() for _, t in bucket)
         if size > bucket_bytes:
@@ -62,10 +76,11 @@ def main() -> None:
             oversized += 1
         for name, t in bucket:
             seen.append(name)
-            if name not in reference or not torch.equal(reference[name], t):
+            if name not in reference or not torch.equal(reference[name], t.cpu()):
                 mismatched.append(name)
     result.update(exported=seen, mismatched=mismatched, oversized=oversized, buckets=buckets,
-                  reference=sorted(reference))
+                  reference=sorted(reference), collectives=calls, devices=sorted(devices),
+                  platform_device=platform.device().type)
     save_model(model, opts.resave)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     (Path(opts.out) / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result))

@@ -17,12 +17,12 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ... import platform
 from .args import Qwen25VLArgs
 from .parallel import ParallelLayout
-from .positions import ImageTokenError, get_rope_index, image_token_counts
-from .specs import decoder_block_spec, layer_spec, resolve_backend
+from .positions import ImageTokenError, VisionLayout, get_rope_index
+from .specs import decoder_block_spec, layer_spec, resolve_backend, supports_padding_mask
 from .vision import Qwen25VisionModel
 
 
-def _common(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype) -> dict:
+def _common(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype, backend: str) -> dict:
     return dict(
         tensor_model_parallel_size=layout.tensor_parallel,
         normalization="RMSNorm",
@@ -34,18 +34,13 @@ def _common(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype) -> d
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not platform.has_cuda(),
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
         add_qkv_bias=True,
+        **platform.fusion_config(backend),
     )
 
 
 def language_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
-                    **overrides) -> TransformerConfig:
+                    backend: str = "local", **overrides) -> TransformerConfig:
     pp = layout.pipeline_parallel
     first = layout.num_layers_in_first_pipeline_stage if pp > 1 else None
     last = None
@@ -53,7 +48,7 @@ def language_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dty
         # megatron-core wants both ends named once one is: the others share what is left.
         rest = (args.num_layers - first) // (pp - 1)
         last = rest if pp > 2 else args.num_layers - first
-    kw = _common(args, layout, dtype)
+    kw = _common(args, layout, dtype, backend)
     kw.update(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -75,9 +70,9 @@ def language_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dty
 
 
 def vision_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
-                  **overrides) -> TransformerConfig:
+                  backend: str = "local", **overrides) -> TransformerConfig:
     v = args.vision
-    kw = _common(args, layout, dtype)
+    kw = _common(args, layout, dtype, backend)
     kw.update(
         num_layers=v.depth,
         hidden_size=v.hidden_size,
@@ -95,13 +90,22 @@ def vision_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype
     return TransformerConfig(**kw)
 
 
+# TransformerConfig fields a caller may override for the whole model, ViT included
+_VISION_OVERRIDABLE = frozenset({"use_cpu_initialization", "perform_initialization", "bias_activation_fusion",
+                                 "bias_dropout_fusion", "gradient_accumulation_fusion", "recompute_granularity",
+                                 "recompute_method", "recompute_num_layers", "recompute_modules"})
+
+
 class Qwen25VLModel(MegatronModule):
     """One pipeline stage of Qwen2.5-VL.
 
     ``forward`` takes ``input_ids [B, S]`` (``[1, T]`` when packed), 3-D ``position_ids [3, B, S]``
     (computed from ``input_ids`` and ``image_grid_thw`` when omitted), the images as flattened
     patches, and optional ``labels``; it returns vocab-parallel logits ``[B, S, V/TP]`` (or the
-    per-token loss when labels are given) on the last stage and hidden states elsewhere.
+    per-token cross-entropy when labels are given, 0 where a label is negative, i.e. ignored) on
+    the last stage and hidden states elsewhere. ``model(**batch.model_inputs())`` runs a
+    :class:`megatron_vr1.data.Batch`, whose host-side bookkeeping (positions, the ViT layout, the
+    image-token positions) keeps the forward free of host synchronisation.
     """
 
     def __init__(
@@ -121,7 +125,7 @@ class Qwen25VLModel(MegatronModule):
         args.check_parallel(layout.tensor_parallel, layout.pipeline_parallel,
                             layout.num_layers_in_first_pipeline_stage)
         self.backend = resolve_backend(backend)
-        config = language_config(args, layout, dtype, **(config_overrides or {}))
+        config = language_config(args, layout, dtype, self.backend, **(config_overrides or {}))
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder
         self.args = args
@@ -132,8 +136,11 @@ class Qwen25VLModel(MegatronModule):
         if self.padded_vocab_size < args.vocab_size or self.padded_vocab_size % layout.tensor_parallel:
             raise ValueError(f"padded_vocab_size {self.padded_vocab_size} must be >= vocab_size {args.vocab_size} "
                              f"and divisible by tensor_parallel {layout.tensor_parallel}")
+        # build-time switches (e.g. meta-device builds) hold for the ViT too; its shape does not change
+        vision_overrides = {k: v for k, v in (config_overrides or {}).items() if k in _VISION_OVERRIDABLE}
         self.vision = (
-            Qwen25VisionModel(vision_config(args, layout, dtype), args.vision, layer_spec(self.backend, causal=False))
+            Qwen25VisionModel(vision_config(args, layout, dtype, self.backend, **vision_overrides), args.vision,
+                              layer_spec(self.backend, causal=False))
             if pre_process else None
         )
         self.language_model = GPTModel(
@@ -159,27 +166,37 @@ class Qwen25VLModel(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-              image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings ``[S, B, H]`` with image features in the image-pad positions."""
+              image_grid_thw: Optional[torch.Tensor], image_positions: Optional[torch.Tensor] = None,
+              vision_layout: Optional[VisionLayout] = None) -> torch.Tensor:
+        """Token embeddings ``[S, B, H]`` with image features in the image-pad positions.
+
+        ``image_positions``: flat indices (into ``B * S``, batch-major) of the image tokens, as
+        the data pipeline records them; found here (a host sync) when not given. A batch
+        without images (``pixel_values`` None or with no rows) never runs the ViT.
+        """
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
-        is_image = input_ids == self.args.image_token_id  # [B, S]: images fill rows in batch order
-        n_tokens = int(is_image.sum())
-        if pixel_values is None:
-            if n_tokens:
-                raise ImageTokenError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
+        image_id = self.args.image_token_id
+        has_images = pixel_values is not None and pixel_values.shape[0] > 0
+        if image_positions is None:
+            image_positions = (input_ids == image_id).reshape(-1).nonzero()[:, 0]
+            if not has_images and image_positions.numel():
+                raise ImageTokenError(f"input_ids hold {image_positions.numel()} image tokens but no "
+                                      f"pixel_values were given")
+        if not has_images:
+            if image_positions.numel():
+                raise ImageTokenError(f"image_positions name {image_positions.numel()} image tokens but no "
+                                      f"pixel_values were given")
             return emb
         if image_grid_thw is None:
             raise ImageTokenError("pixel_values given without image_grid_thw")
-        needed = sum(image_token_counts(image_grid_thw, self.args.vision.spatial_merge_size))
-        if n_tokens != needed:
-            raise ImageTokenError(
-                f"input_ids hold {n_tokens} image tokens but image_grid_thw {image_grid_thw.tolist()} "
-                f"needs {needed}"
-            )
-        features = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
-        emb = emb.transpose(0, 1).clone()
-        emb[is_image] = features
-        return emb.transpose(0, 1).contiguous()
+        features = self.vision(pixel_values, image_grid_thw, vision_layout).to(emb.dtype)  # checks pixels vs grids
+        if image_positions.numel() != features.shape[0]:
+            raise ImageTokenError(f"input_ids hold {image_positions.numel()} image tokens but image_grid_thw "
+                                  f"{image_grid_thw.tolist()} needs {features.shape[0]}")
+        s, b, h = emb.shape
+        flat = emb.transpose(0, 1).reshape(b * s, h)  # batch-major, as image_positions count
+        flat = flat.index_copy(0, image_positions.to(flat.device), features)
+        return flat.view(b, s, h).transpose(0, 1).contiguous()
 
     def forward(
         self,
@@ -190,6 +207,8 @@ class Qwen25VLModel(MegatronModule):
         image_grid_thw: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
+        image_positions: Optional[torch.Tensor] = None,
+        vision_layout: Optional[VisionLayout] = None,
     ) -> torch.Tensor:
         if position_ids is None:
             if packed_seq_params is not None:
@@ -198,25 +217,34 @@ class Qwen25VLModel(MegatronModule):
         if self.config.sequence_parallel and input_ids.shape[1] % self.layout.tensor_parallel:
             raise ValueError(
                 f"sequence_parallel needs the sequence length ({input_ids.shape[1]}) to be a multiple of "
-                f"tensor_parallel ({self.layout.tensor_parallel}); pad the batch"
+                f"tensor_parallel ({self.layout.tensor_parallel}); pad the batch (Batch pad_to_multiple_of)"
             )
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
-            if self.config.sequence_parallel:
-                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, "
+                             f"got {list(labels.shape)}")
         mask = None
         if attention_mask is not None and packed_seq_params is None:
+            if not supports_padding_mask(self.backend):
+                raise ValueError(f"the {self.backend!r} layer spec builds causal attention that ignores a padding "
+                                 f"mask; give packed batches (cu_seqlens) or build with backend='local'")
             keep = attention_mask.bool()  # [B, S], True = real token
             mask = ~(keep[:, None, None, :])  # megatron: True = masked out
-        return self.language_model(
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_positions, vision_layout)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        out = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=mask,
             decoder_input=decoder_input,
-            labels=labels,
+            labels=None if labels is None else labels.clamp(min=0),
             packed_seq_params=packed_seq_params,
         )
+        if labels is not None and self.post_process:
+            out = torch.where(labels < 0, 0.0, out)  # ignored rows (e.g. -100): no loss
+        return out
 
 
 def build_model(args: Qwen25VLArgs, layout: ParallelLayout, **kwargs) -> Qwen25VLModel:

@@ -116,15 +116,31 @@ def packed_position_ids(
 
 @dataclass
 class VisionLayout:
-    """Where each patch goes in the ViT: window order, attention blocks, rotary angles."""
+    """Where each patch goes in the ViT: window order, attention blocks, rotary angles.
+
+    Computed on the host from the image grids (by the data pipeline, so that the ViT's forward
+    never waits on the device), then moved with :meth:`to`. The sizes are plain ints for the
+    same reason.
+    """
 
     window_index: torch.Tensor  # [N / merge_unit] merged-unit order used inside the ViT
+    reverse_index: torch.Tensor  # its inverse: window order back to raster order
     cu_window_seqlens: torch.Tensor  # int32 boundaries of windows (in patches, window order)
     cu_seqlens: torch.Tensor  # int32 boundaries of whole images / frames
     rotary_angles: torch.Tensor  # [N, head_dim] angles in window order (h half, w half, repeated)
+    num_patches: int
+    max_window: int  # longest window, in patches
+    max_image: int  # largest image / frame, in patches
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VisionLayout":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return VisionLayout(move(self.window_index), move(self.reverse_index), move(self.cu_window_seqlens),
+                            move(self.cu_seqlens), move(self.rotary_angles), self.num_patches, self.max_window,
+                            self.max_image)
 
 
 def vision_layout(grid_thw: torch.Tensor, vision: VisionArgs) -> VisionLayout:
+    """The ViT layout of images with merged-patch grids ``grid_thw [n, 3]`` (``n`` may be 0)."""
     merge, unit = vision.spatial_merge_size, vision.merge_unit
     win = vision.window_merged_units
     dim = vision.head_dim // 2  # rotary dims per axis pair (h and w each get dim/2 angles)
@@ -148,12 +164,17 @@ def vision_layout(grid_thw: torch.Tensor, vision: VisionArgs) -> VisionLayout:
                     cu_window.append(cu_window[-1] + block.numel() * unit)
             cu_full.append(cu_full[-1] + h * w)
         offset += t * gh * gw
-    index = torch.cat(window_index)
-    ang = torch.cat(angles)
+    index = torch.cat(window_index) if window_index else torch.zeros(0, dtype=torch.long)
+    ang = torch.cat(angles) if angles else torch.zeros(0, dim)
     ang = ang.view(-1, unit, ang.shape[-1])[index].reshape(-1, ang.shape[-1])
+    lengths = lambda cu: max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)  # noqa: E731
     return VisionLayout(
         window_index=index,
+        reverse_index=torch.argsort(index),
         cu_window_seqlens=torch.tensor(cu_window, dtype=torch.int32),
         cu_seqlens=torch.tensor(cu_full, dtype=torch.int32),
         rotary_angles=torch.cat([ang, ang], dim=-1),
+        num_patches=cu_full[-1],
+        max_window=lengths(cu_window),
+        max_image=lengths(cu_full),
     )

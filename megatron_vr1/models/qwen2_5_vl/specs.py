@@ -23,6 +23,15 @@ from ..common.norm import RMSNorm
 from ... import platform
 
 BACKENDS = ("local", "te")
+# The LM layers are built with a causal mask type. Our SDPA core attention reads the padding
+# mask it is given as well; under TE a causal-type layer ignores it, so a left-padded batch
+# would attend to its padding. TE takes packed (THD) batches only.
+_PADDING_MASK = {"local": True, "te": False}
+
+
+def supports_padding_mask(backend: str) -> bool:
+    """Whether layers of ``backend`` honour a padding ``attention_mask`` (``[B, S]`` batches)."""
+    return _PADDING_MASK[resolve_backend(backend)]
 
 
 def resolve_backend(backend: str) -> str:

@@ -21,7 +21,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from ..common.norm import RMSNorm
 from .args import VisionArgs
-from .positions import vision_layout
+from .positions import VisionLayout, vision_layout
 
 
 class PatchEmbed(torch.nn.Module):
@@ -80,34 +80,37 @@ class Qwen25VisionModel(MegatronModule):
                                                         tp_group=tp_group))
         return state
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """``[patches, C*T*P*P]`` pixels -> ``[patches / 4, lm_hidden]`` image embeddings (raster order)."""
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                layout: VisionLayout | None = None) -> torch.Tensor:
+        """``[patches, C*T*P*P]`` pixels -> ``[patches / 4, lm_hidden]`` image embeddings (raster order).
+
+        ``layout`` is the images' :class:`VisionLayout`, computed on the host by the data
+        pipeline; without it, it is computed here from ``grid_thw`` (read on the host).
+        """
         args = self.args
         n = pixel_values.shape[0]
-        expected = int(grid_thw.prod(-1).sum())
-        if pixel_values.dim() != 2 or pixel_values.shape[1] != args.patch_dim or n != expected:
+        if layout is None:
+            layout = vision_layout(grid_thw.cpu(), args)
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != args.patch_dim or n != layout.num_patches:
             raise ValueError(
                 f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw "
-                f"{grid_thw.tolist()} (expected [{expected}, {args.patch_dim}])"
+                f"{grid_thw.tolist()} (expected [{layout.num_patches}, {args.patch_dim}])"
             )
-        layout = vision_layout(grid_thw.cpu(), args)
-        device = pixel_values.device
-        index = layout.window_index.to(device)
+        layout = layout.to(pixel_values.device, non_blocking=True)
         unit = args.merge_unit
 
         x = self.patch_embed(pixel_values)
-        x = x.view(n // unit, unit, -1)[index].reshape(n, 1, -1)  # [s, b=1, h] in window order
-        rotary = layout.rotary_angles.to(device).view(n, 1, 1, -1)
-        full = _packed(layout.cu_seqlens.to(device))
-        windowed = _packed(layout.cu_window_seqlens.to(device))
+        x = x.view(n // unit, unit, -1)[layout.window_index].reshape(n, 1, -1)  # [s, b=1, h] in window order
+        rotary = layout.rotary_angles.view(n, 1, 1, -1)
+        full = _packed(layout.cu_seqlens, layout.max_image)
+        windowed = _packed(layout.cu_window_seqlens, layout.max_window)
         for i, layer in enumerate(self.layers):
             x, _ = layer(x, attention_mask=None, rotary_pos_emb=rotary,
                          packed_seq_params=full if i in self._full else windowed)
         merged = self.merger(x.reshape(n, -1))
-        return merged[torch.argsort(index)]
+        return merged[layout.reverse_index]
 
 
-def _packed(cu_seqlens: torch.Tensor) -> PackedSeqParams:
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+def _packed(cu_seqlens: torch.Tensor, longest: int) -> PackedSeqParams:
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)

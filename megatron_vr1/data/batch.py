@@ -1,0 +1,189 @@
+"""The micro-batch that data, model and loss kernels share.
+
+A :class:`Batch` is built on the host from :class:`~.template.Sample` s, either packed back to
+back (THD: ``[1, T]``, ``cu_seqlens``; how the trainers run) or padded row by row (``[B, S]``,
+``attention_mask``). Everything that needs Python or the host is done here, once: labels (the
+one label shift, :func:`megatron_vr1.kernels.shift_labels`), 3-D positions, where the image
+tokens sit and the ViT's window layout. The model and the kernels then run without a host sync.
+
+    batch = packed_batch(samples, args, pad_to_multiple_of=tp).to(device)
+    logits = model(**batch.model_inputs())                     # [1, T, V/TP]
+    loss, _, _ = grpo_loss(logits, batch.labels, ..., batch.loss_mask, tp_group=tp_group)
+    part = aggregate_loss(loss, batch.loss_mask, cu_seqlens=batch.cu_seqlens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..kernels.packed import IGNORE_INDEX, shift_labels
+from ..models.qwen2_5_vl.args import Qwen25VLArgs
+from ..models.qwen2_5_vl.positions import ImageTokenError, VisionLayout, vision_layout
+from .template import Sample
+
+_HOST_FIELDS = ("image_grid_thw",)  # metadata the host reads; never moved to the device
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Packed: ``B = 1``, ``cu_seqlens`` set; padded: ``attention_mask`` set."""
+
+    input_ids: torch.Tensor  # [B, S] int64
+    labels: torch.Tensor  # [B, S]: row t's target (token t+1 of its own sequence) or IGNORE_INDEX
+    loss_mask: torch.Tensor  # [B, S] bool: labels != IGNORE_INDEX
+    position_ids: torch.Tensor  # [3, B, S] M-RoPE ids (padding: 0, 1, 2, ... per padding block)
+    lengths: list[int] = field(default_factory=list)  # real tokens of each sequence, in order
+    cu_seqlens: Optional[torch.Tensor] = None  # packed: int32 [n + 1]; rows past the last are padding
+    attention_mask: Optional[torch.Tensor] = None  # padded: [B, S] 1 on real tokens
+    pixel_values: Optional[torch.Tensor] = None  # [patches, 1176] or None without images
+    image_grid_thw: Optional[torch.Tensor] = None  # [images, 3], on the host
+    image_positions: Optional[torch.Tensor] = None  # flat (batch-major) indices of the image tokens
+    vision: Optional[VisionLayout] = None  # the ViT's layout of these images
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def num_sequences(self) -> int:
+        """Real sequences (a padding block is not one)."""
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens, padding excluded."""
+        return sum(self.lengths)
+
+    def per_token(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """One value per sequence (e.g. its advantage) spread over its tokens: ``[B, S]``, 0 on padding."""
+        if per_sequence.shape != (self.num_sequences,):
+            raise ValueError(f"expected one value per sequence ({self.num_sequences}), got {list(per_sequence.shape)}")
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=per_sequence.device)
+        out = torch.zeros(self.input_ids.shape, dtype=per_sequence.dtype, device=per_sequence.device)
+        if self.packed:
+            out[0, :self.num_tokens] = per_sequence.repeat_interleave(lengths, output_size=self.num_tokens)
+            return out
+        return torch.where(self.attention_mask.bool(), per_sequence[:, None], out)
+
+    def packed_seq_params(self):
+        """megatron-core's ``PackedSeqParams`` (THD); the padding block, if any, is its own sequence
+        so that attention never mixes it with real tokens."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        if not self.packed:
+            raise ValueError("a padded [B, S] batch has no packed-sequence parameters")
+        total, real = self.input_ids.shape[1], self.num_tokens
+        cu = self.cu_seqlens
+        if total > real:
+            cu = torch.cat([cu, cu.new_full((1,), total)])
+        longest = max(self.lengths + [total - real])
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest)
+
+    def model_inputs(self, *, with_labels: bool = False) -> dict:
+        """Keyword arguments of :class:`~megatron_vr1.models.qwen2_5_vl.Qwen25VLModel`'s forward."""
+        kwargs = dict(input_ids=self.input_ids, position_ids=self.position_ids, pixel_values=self.pixel_values,
+                      image_grid_thw=self.image_grid_thw, image_positions=self.image_positions,
+                      vision_layout=self.vision)
+        if self.packed:
+            kwargs["packed_seq_params"] = self.packed_seq_params()
+        else:
+            kwargs["attention_mask"] = self.attention_mask
+        if with_labels:
+            kwargs["labels"] = self.labels
+        return kwargs
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """The batch with its tensors on ``device`` (host metadata stays where it is)."""
+        def move(name, value):
+            if name in _HOST_FIELDS or value is None or not hasattr(value, "to"):
+                return value
+            return value.to(device, non_blocking=non_blocking)
+        return dataclasses.replace(self, **{f.name: move(f.name, getattr(self, f.name))
+                                            for f in dataclasses.fields(self)})
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (``DataLoader(pin_memory=True)`` calls this), for async copies."""
+        def pin(value):
+            if isinstance(value, torch.Tensor):
+                return value.pin_memory()
+            if isinstance(value, VisionLayout):
+                return VisionLayout(*(pin(getattr(value, f.name)) for f in dataclasses.fields(value)))
+            return value
+        return dataclasses.replace(self, **{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name not in _HOST_FIELDS})
+
+
+def packed_batch(samples: Sequence[Sample], args: Optional[Qwen25VLArgs] = None, *, pad_to_multiple_of: int = 1,
+                 pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> Batch:
+    """Samples back to back in one THD micro-batch ``[1, T]``, each with its own positions.
+
+    ``T`` is padded up to a multiple of ``pad_to_multiple_of`` (tensor x context parallel size:
+    sequence parallelism splits the tokens evenly) with a padding block of ``pad_id`` tokens that
+    is never a label. No samples give a fully masked batch of one padding block, so a rank with
+    nothing to do runs the same schedule as the others. With ``args`` the image-token positions
+    and the ViT layout are computed here, on the host.
+    """
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    lengths = [len(s) for s in samples]
+    real = sum(lengths)
+    total = max(-(-real // pad_to_multiple_of) * pad_to_multiple_of, pad_to_multiple_of if not real else 0)
+    pad = total - real
+    ids = torch.cat([s.input_ids for s in samples] + [torch.full((pad,), pad_id, dtype=torch.long)])
+    targets = torch.cat([s.loss_mask.bool() for s in samples] + [torch.zeros(pad, dtype=torch.bool)])
+    positions = torch.cat([s.position_ids for s in samples] + [torch.arange(pad).expand(3, pad)], dim=1)
+    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    labels = shift_labels(ids[None], cu, target_mask=targets[None], ignore_index=ignore_index)
+    batch = Batch(input_ids=ids[None], labels=labels, loss_mask=labels != ignore_index, position_ids=positions[:, None],
+                  lengths=lengths, cu_seqlens=cu)
+    return _with_images(batch, samples, args)
+
+
+def collate_padded(samples: Sequence[Sample], pad_id: int, args: Optional[Qwen25VLArgs] = None, *,
+                   side: str = "right", pad_to_multiple_of: int = 1, ignore_index: int = IGNORE_INDEX) -> Batch:
+    """Samples as rows of a ``[B, S]`` batch padded on ``side`` (``right``, or ``left`` for
+    generation), with the attention mask, labels and loss mask (padding is never a label) and
+    position ids (1 on padding, as transformers has it)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if not samples:
+        raise ValueError("collate_padded needs at least one sample")
+    s = max(len(x) for x in samples)
+    s = -(-s // pad_to_multiple_of) * pad_to_multiple_of
+    b = len(samples)
+    ids = torch.full((b, s), pad_id, dtype=torch.long)
+    attn = torch.zeros(b, s, dtype=torch.long)
+    targets = torch.zeros(b, s, dtype=torch.bool)
+    pos = torch.ones(3, b, s, dtype=torch.long)
+    for i, x in enumerate(samples):
+        cols = slice(0, len(x)) if side == "right" else slice(s - len(x), s)
+        ids[i, cols], attn[i, cols], targets[i, cols], pos[:, i, cols] = x.input_ids, 1, x.loss_mask, x.position_ids
+    labels = shift_labels(ids, attention_mask=attn, target_mask=targets, ignore_index=ignore_index)
+    batch = Batch(input_ids=ids, labels=labels, loss_mask=labels != ignore_index, position_ids=pos,
+                  lengths=[len(x) for x in samples], attention_mask=attn)
+    return _with_images(batch, samples, args)
+
+
+def _with_images(batch: Batch, samples: Sequence[Sample], args: Optional[Qwen25VLArgs]) -> Batch:
+    with_images = [s for s in samples if s.image_grid_thw.numel()]
+    if with_images:
+        batch.pixel_values = torch.cat([s.pixel_values for s in with_images])
+        batch.image_grid_thw = torch.cat([s.image_grid_thw for s in with_images])
+    if args is None:
+        return batch
+    merge = args.vision.merge_unit
+    positions = (batch.input_ids == args.image_token_id).reshape(-1).nonzero()[:, 0]
+    needed = int(batch.image_grid_thw.prod(-1).sum()) // merge if with_images else 0
+    patches = batch.pixel_values.shape[0] if with_images else 0
+    if positions.numel() != needed or patches != needed * merge:
+        raise ImageTokenError(f"the batch holds {positions.numel()} image tokens and {patches} patches, but its "
+                              f"image grids need {needed} tokens ({needed * merge} patches)")
+    batch.image_positions = positions
+    if with_images:
+        batch.vision = vision_layout(batch.image_grid_thw, args.vision)
+    return batch
