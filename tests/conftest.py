@@ -48,6 +48,14 @@ def tokenizer(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def toy_tokenizer_dir(tmp_path_factory):
+    """The toy model's 512-token tokenizer (``conf/model/toy.yaml``), built once."""
+    from megatron_vr1.data import build_toy_tokenizer
+
+    return build_toy_tokenizer(tmp_path_factory.mktemp("toy_tokenizer"))
+
+
+@pytest.fixture(scope="session")
 def args():
     """The tiny model's arguments (``conf/model/tiny.yaml``: Qwen's vocabulary and token ids)."""
     from megatron_vr1.config import load_model_conf, model_from_conf

@@ -6,7 +6,7 @@ from megatron_vr1.config import load_model_conf, model_from_conf
 from megatron_vr1.models.qwen2_5_vl import ConfigError, Qwen25VLArgs
 from tiny import tiny_hf_config
 
-SIZES = ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b"]
+SIZES = ["tiny", "toy", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b"]
 
 
 @pytest.mark.parametrize("name", SIZES)
@@ -25,6 +25,19 @@ def test_published_shapes():
     assert a7.mrope_section == (16, 24, 24) and a7.vision.intermediate_size == 3420
     a3, _ = model_from_conf(load_model_conf("qwen2_5_vl_3b"))
     assert a3.tie_word_embeddings and a3.vocab_size == 151936
+
+
+def test_the_toy_model_fits_the_toy_tokenizer(toy_tokenizer_dir):
+    """The toy config's special-token ids are where the toy tokenizer puts them."""
+    from megatron_vr1.data import load_tokenizer
+
+    args, _ = model_from_conf(load_model_conf("toy"))
+    tok = load_tokenizer(toy_tokenizer_dir)
+    assert len(tok) == args.vocab_size
+    ids = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    assert ids == [args.image_token_id, args.video_token_id, args.vision_start_token_id, args.vision_end_token_id]
+    text = "<think> 12 x 3 = 36 </think><answer> Final Answer: 36 </answer> 多模态"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # every byte is a token
 
 
 def test_flat_and_nested_layouts_agree():

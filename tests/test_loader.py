@@ -144,3 +144,49 @@ def test_bad_records_are_counted_or_named(tmp_path, tokenizer, args):
         loader.load_state_dict({"epoch": 0, "offset": 0, "seed": 0, "shuffle": True, "num_records": 23})
     with pytest.raises(IndexError, match="out of range"):
         data[6]
+
+
+def test_length_is_the_built_sample_length_without_decoding(tmp_path, tokenizer, args, monkeypatch):
+    from megatron_vr1.data import formats
+
+    _write_images(tmp_path, 5)
+    records = [_record(i, f"img/{i}.png") for i in range(5)] + [_record(i) for i in range(5, 8)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    data = SFTDataset(tmp_path / "sft.jsonl", tokenizer, args)
+    decoded = []
+    real = formats.load_image
+    monkeypatch.setattr(formats, "load_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    lengths = [data.length(i) for i in range(len(data))]
+    assert not decoded  # image headers only
+    assert lengths == [len(data[i]) for i in range(len(data))]
+
+
+def _step_ids(step, tokenizer):
+    return [_id(s, tokenizer) for mb in step.micro_batches for s in mb]
+
+
+def test_global_batches_are_the_same_records_at_any_dp_size_balanced_over_ranks(tmp_path, tokenizer, args):
+    from megatron_vr1.data import GlobalBatchLoader
+
+    _write_images(tmp_path, 6)
+    records = [_record(i, f"img/{i % 6}.png") if i % 3 else _record(i) for i in range(N)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    data = SFTDataset(tmp_path / "sft.jsonl", tokenizer, args)
+    longest = max(data.length(i) for i in range(N))
+    kw = dict(seed=4, global_batch=6, micro_batch_tokens=2 * longest)
+    steps = 9  # past two epochs of 23 records
+    single = GlobalBatchLoader(data, **kw)
+    alone = [sorted(_step_ids(single.next_step(), tokenizer)) for _ in range(steps)]
+    assert all(len(ids) == 6 for ids in alone)
+    assert len({x for ids in alone[:3] for x in ids}) == 18  # within an epoch no record comes twice
+    for dp in (2, 3):
+        loaders = [GlobalBatchLoader(data, dp_rank=r, dp_size=dp, **kw) for r in range(dp)]
+        for k in range(steps):
+            parts = [loader.next_step() for loader in loaders]
+            assert len({len(p.micro_batches) for p in parts}) == 1  # the same schedule on every rank
+            assert all(sum(len(s) for s in mb) <= kw["micro_batch_tokens"] for p in parts for mb in p.micro_batches)
+            assert sorted(x for p in parts for x in _step_ids(p, tokenizer)) == alone[k], (dp, k)
+        state = loaders[0].state_dict()
+        resumed = GlobalBatchLoader(data, dp_rank=0, dp_size=dp, **kw)
+        resumed.load_state_dict(state)
+        assert _step_ids(resumed.next_step(), tokenizer) == _step_ids(loaders[0].next_step(), tokenizer)

@@ -130,6 +130,20 @@ def _geometry(rng: random.Random) -> Problem:
 _MAKERS = {"count": _count, "bar": _bar, "arithmetic": _arithmetic, "geometry": _geometry}
 
 
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """Text the demo data is made of (questions, reasoning, answers, the chat template's words),
+    from which the toy tokenizer learns its merges."""
+    from .template import DEFAULT_SYSTEM_PROMPT
+
+    rng = random.Random(seed)
+    texts = [DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n", "Choices:\nA. B. C. D.",
+             "0 1 2 3 4 5 6 7 8 9 10 100 -", "Final Answer:", "<think> </think><answer> </answer>"]
+    for i in range(n):
+        p = _MAKERS[KINDS[i % len(KINDS)]](rng)
+        texts += [question_text(p), answer_text(p)]
+    return texts
+
+
 def answer_text(p: Problem) -> str:
     return f"<think> {p.reasoning} </think><answer> Final Answer: {p.answer} </answer>"
 

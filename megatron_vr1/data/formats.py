@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from ..models.qwen2_5_vl import Qwen25VLArgs
-from .images import ImageConfig, ImageError, load_image, process_images
-from .template import DEFAULT_SYSTEM_PROMPT, IMAGE_PLACEHOLDER, Sample, SampleError, build_sample
+from .images import ImageConfig, ImageError, image_grid, image_size, load_image, process_images
+from .template import DEFAULT_SYSTEM_PROMPT, IMAGE_PLACEHOLDER, Sample, SampleError, build_sample, tokenize_chat
 
 _DEFAULT = object()  # "use the dataset kind's default system prompt"
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -255,6 +255,9 @@ class _RecordSource(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         """The sample of record ``index``, or a :class:`Skipped` entry for a bad record under
         ``skip_bad_samples`` (else the record's error, naming it)."""
+        return self._guarded(index, self.build)
+
+    def _guarded(self, index: int, fn):
         if not 0 <= index < len(self.records):
             raise IndexError(f"{self.path.name}: record {index} out of range (0..{len(self.records) - 1})")
         row = self.records[int(index)]
@@ -263,11 +266,20 @@ class _RecordSource(torch.utils.data.Dataset):
             record = _record(row)
             if "id" in record:
                 name += f" (id {record['id']})"
-            return self.build(record)
+            return fn(record)
         except (SampleError, ImageError, RecordError) as e:
             if not self.skip_bad_samples:
                 raise type(e)(f"{name}: {e}") from e
             return Skipped(name, type(e).__name__ + ": " + str(e).split(":")[0][:80])
+
+    def length(self, index: int):
+        """Tokens of record ``index``'s sample, as ``self[index]`` would have them, from its text and
+        its images' headers (no pixels decoded): what balancing micro-batches needs. A bad record
+        is a :class:`Skipped` entry or its error, as with ``self[index]``."""
+        return self._guarded(index, self.measure)
+
+    def measure(self, record: dict) -> int:
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator:
         """Every sample in file order; ``report`` counts this pass's skips (a bad record once per pass)."""
@@ -282,6 +294,9 @@ class _RecordSource(torch.utils.data.Dataset):
     def _images(self, paths: list[str]):
         return [load_image(p, self.image_root) for p in paths]
 
+    def _grids(self, paths: list[str]) -> list[tuple[int, int, int]]:
+        return [image_grid(*image_size(p, self.image_root), self.image_cfg) for p in paths]
+
 
 class SFTDataset(_RecordSource):
     """Cold-start SFT samples (ids, loss mask, position ids, images), one record at a time."""
@@ -291,11 +306,20 @@ class SFTDataset(_RecordSource):
         pixel_values, grid = process_images(self._images(paths), self.image_cfg)
         sample = build_sample(self.tokenizer, self.args, messages, pixel_values, grid, image_cfg=self.image_cfg,
                               system_prompt=self.system_prompt)
-        if len(sample) > self.max_tokens:
-            raise SampleError(f"sample of {len(sample)} tokens exceeds max_tokens={self.max_tokens}")
-        if not sample.loss_mask.any():
+        return self._checked(sample, len(sample), sample.loss_mask)
+
+    def measure(self, record: dict) -> int:
+        messages, paths = sft_messages(record)
+        ids, mask = tokenize_chat(self.tokenizer, messages, self._grids(paths), image_cfg=self.image_cfg,
+                                  system_prompt=self.system_prompt)
+        return self._checked(len(ids), len(ids), mask)
+
+    def _checked(self, result, length: int, loss_mask: torch.Tensor):
+        if length > self.max_tokens:
+            raise SampleError(f"sample of {length} tokens exceeds max_tokens={self.max_tokens}")
+        if not loss_mask.any():
             raise SampleError("conversation has no assistant reply to train on")
-        return sample
+        return result
 
 
 @dataclass

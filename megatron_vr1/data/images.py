@@ -67,14 +67,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source, root: str | Path | None = None) -> Image.Image:
-    """Open and decode an image as RGB; errors name the file.
-
-    ``source``: a path (relative ones under ``root``), encoded bytes, a decoded PIL image, or a
-    ``{"bytes": ..., "path": ...}`` dict as ``datasets`` stores images in parquet files.
-    """
-    if isinstance(source, Image.Image):
-        return to_rgb(source)
+def _resolve(source, root: str | Path | None):
+    """(name for errors, something ``Image.open`` takes) of an image source."""
     if isinstance(source, dict):
         if source.get("bytes"):
             source = source["bytes"]
@@ -83,14 +77,24 @@ def load_image(source, root: str | Path | None = None) -> Image.Image:
         else:
             raise ImageError(f"image record has neither bytes nor a path: keys {sorted(source)}")
     if isinstance(source, (bytes, bytearray)):
-        name, opener = "<bytes>", io.BytesIO(source)
-    else:
-        path = Path(source)
-        if root is not None and not path.is_absolute():
-            path = Path(root) / path
-        if not path.is_file():
-            raise ImageError(f"image file {path} does not exist")
-        name, opener = str(path), path
+        return "<bytes>", io.BytesIO(source)
+    path = Path(source)
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    if not path.is_file():
+        raise ImageError(f"image file {path} does not exist")
+    return str(path), path
+
+
+def load_image(source, root: str | Path | None = None) -> Image.Image:
+    """Open and decode an image as RGB; errors name the file.
+
+    ``source``: a path (relative ones under ``root``), encoded bytes, a decoded PIL image, or a
+    ``{"bytes": ..., "path": ...}`` dict as ``datasets`` stores images in parquet files.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    name, opener = _resolve(source, root)
     try:
         with Image.open(opener) as img:
             img.load()
@@ -99,16 +103,34 @@ def load_image(source, root: str | Path | None = None) -> Image.Image:
         raise ImageError(f"image {name} cannot be decoded: {e}") from e
 
 
+def image_size(source, root: str | Path | None = None) -> tuple[int, int]:
+    """``(width, height)`` of an image from its header alone (no pixels decoded); the sources of
+    :func:`load_image`."""
+    if isinstance(source, Image.Image):
+        return source.size
+    name, opener = _resolve(source, root)
+    try:
+        with Image.open(opener) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"image {name} cannot be decoded: {e}") from e
+
+
+def image_grid(width: int, height: int, cfg: ImageConfig = ImageConfig()) -> tuple[int, int, int]:
+    """The patch grid ``(1, h, w)`` an image of this size becomes."""
+    h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    return 1, h // cfg.patch_size, w // cfg.patch_size
+
+
 def process_image(image: Image.Image, cfg: ImageConfig = ImageConfig()) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """One RGB image -> (``[grid_h * grid_w, 3 * 2 * 14 * 14]`` float32 patches, grid ``(1, h, w)``)."""
-    height, width = image.height, image.width
-    h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    _, gh, gw = image_grid(image.width, image.height, cfg)
+    h, w = gh * cfg.patch_size, gw * cfg.patch_size
     pixels = np.asarray(image.resize((w, h), resample=Image.BICUBIC), dtype=np.uint8)
     x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     x = x.transpose(2, 0, 1)  # CHW
     p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    gh, gw = h // p, w // p
     x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # blocks, then C x P x P
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], tp, p, p))  # a still image fills both frames
     return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * tp * p * p)), (1, gh, gw)

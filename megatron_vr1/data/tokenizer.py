@@ -99,6 +99,41 @@ def build_offline_tokenizer(out_dir: str | Path) -> Path:
     return out
 
 
+TOY_VOCAB_SIZE = 512
+
+
+def build_toy_tokenizer(out_dir: str | Path, vocab_size: int = TOY_VOCAB_SIZE) -> Path:
+    """A small byte-level BPE tokenizer for the toy model (``conf/model/toy.yaml``) of the tests
+    and the demo: Qwen's pre-tokenizer and special tokens (at the top ``22`` ids), merges learned
+    offline from the demo generator's text. Any text still tokenizes (every byte is a token);
+    with 512 ids instead of ~152K the output layer stops dominating a CPU step."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .demo import corpus
+
+    tok = Tokenizer(models.BPE(fuse_unk=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    if tok.get_vocab_size() != vocab_size - len(SPECIAL_TOKENS):
+        raise RuntimeError(f"the toy corpus yields {tok.get_vocab_size()} tokens, not {vocab_size - len(SPECIAL_TOKENS)}")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   model_max_length=32768, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a checkpoint (or tokenizer) folder; never downloads."""
     from transformers import AutoTokenizer
