@@ -5,10 +5,11 @@ On a CUDA machine nothing here changes megatron-core. On a machine without CUDA,
 
 * ``torch.cuda.current_device()`` answers ``"cpu"`` and ``synchronize()`` does nothing;
 * the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones;
-* tensors created with ``device="cuda"`` (or an int device) and ``.cuda()`` calls
-  land on the CPU, through a :class:`torch.overrides.TorchFunctionMode`, so that
-  megatron-core's own source stays untouched. (Modes are off inside autograd backward
-  functions; megatron-core's backward code only uses ``current_device()``, covered above.)
+* tensors created with ``device="cuda"`` (or an int device) and ``.cuda()`` calls land on
+  the CPU, and ``Tensor.type()`` names the CUDA type a tensor stands in for, through a
+  :class:`torch.overrides.TorchFunctionMode`, so that megatron-core's own source stays
+  untouched. (Modes are off inside autograd backward functions; megatron-core's backward code
+  only uses ``current_device()``, covered above.)
   Torch function modes are per thread: every thread started after :func:`use_cpu_backend`
   (data loading, rollout, async saves) enters its own copy of the mode.
 
@@ -72,6 +73,10 @@ class _CudaToCpuMode(TorchFunctionMode):
 
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core's optimizers check a parameter's kind by this string
+            # ("torch.cuda.FloatTensor", ...): answer as the CUDA tensor it stands in for
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 
@@ -151,9 +156,12 @@ def init_distributed(
         )
     world = torch.distributed.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
-        raise ValueError(
+        from .errors import UsageError
+
+        raise UsageError(
             f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x "
-            f"pipeline_parallel ({pipeline_parallel})"
+            f"pipeline_parallel ({pipeline_parallel}): launch a multiple of {tensor_parallel * pipeline_parallel} "
+            f"processes or change model.parallel"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -215,6 +223,25 @@ def check(condition: torch.Tensor, message: str, error: type[Exception] = ValueE
             raise error(message)
     else:
         torch._assert_async(condition.all(), message)
+
+
+# Dense bf16 tensor-core peak (no sparsity) by device name, for MFU.
+_PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 NVL": 835.5e12,
+                    "H100 PCIe": 756.5e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.1e12}
+
+
+def peak_flops() -> float | None:
+    """This device's dense bf16 peak in FLOP/s, or None where unknown (CPU, unlisted GPUs)."""
+    if not has_cuda():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def synchronize() -> None:
+    """Wait for the device (for timings); nothing to wait for on the CPU."""
+    if has_cuda():
+        torch.cuda.synchronize()
 
 
 def has_transformer_engine() -> bool:

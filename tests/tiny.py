@@ -103,8 +103,8 @@ def make_case(name: str, seed: int = 0, multiple_of: int = 1) -> dict[str, torch
     return batch
 
 
-def hf_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def hf_logits(model, batch: dict[str, torch.Tensor], image_token: int = IMAGE) -> torch.Tensor:
     kwargs = dict(batch)
-    kwargs["mm_token_type_ids"] = (batch["input_ids"] == IMAGE).int()
+    kwargs["mm_token_type_ids"] = (batch["input_ids"] == image_token).int()
     with torch.no_grad():
         return model(**kwargs).logits.float()

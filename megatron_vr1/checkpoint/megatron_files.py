@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from ..models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs
 from ..models.qwen2_5_vl.hf_mapping import local_to_global_name
 from .atomic import clear_stale, recover, remove, replace_dir, sibling
+from .hf_files import CheckpointError
 
 METADATA_FILE = "megatron_vr1.json"
 _LM_LAYERS = "language_model.decoder.layers."
@@ -184,15 +185,21 @@ def iter_checkpoint_params(model: torch.nn.Module, ckpt_dir: Path, dtype: torch.
         yield local_to_global_name(key, 0), loaded[key].reshape(shape)
 
 
+ExtraState = Callable[[dict], dict]  # the model's sharded state dict -> more entries to save or load with it
+
+
 def save_model(model: torch.nn.Module, ckpt_dir: str | Path, *, overwrite: bool = False,
-               metadata: dict | None = None) -> None:
+               metadata: dict | None = None, extra_state: ExtraState | None = None,
+               assets: Callable[[Path], None] | None = None) -> None:
     """Checkpoint a live (sharded) model, with the metadata ``mcore-to-hf`` needs; collective.
 
     Every rank writes into a hidden folder beside ``ckpt_dir``; once all are done rank 0 adds the
-    metadata file and puts the folder in place of ``ckpt_dir`` in one atomic step
-    (:mod:`.atomic`). A save that dies at any point leaves ``ckpt_dir`` as it was: the previous
-    checkpoint stays loadable. An existing checkpoint is replaced only with ``overwrite``.
-    ``metadata`` adds entries to the metadata file.
+    metadata file (and ``assets(folder)``, e.g. tokenizer files) and puts the folder in place of
+    ``ckpt_dir`` in one atomic step (:mod:`.atomic`). A save that dies at any point leaves
+    ``ckpt_dir`` as it was: the previous checkpoint stays loadable. An existing checkpoint is
+    replaced only with ``overwrite``. ``metadata`` adds entries to the metadata file;
+    ``extra_state(model_sharded_state_dict)`` adds sharded entries (optimizer, scheduler, data
+    position, ...) to the checkpoint, beside the model's, which stay at the top level.
     """
     ckpt_dir = Path(ckpt_dir)
     box: list = [None, None]
@@ -212,9 +219,14 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, *, overwrite: bool 
         raise FileExistsError(box[0])
     tmp = Path(box[1])
     try:
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        sharded = model.sharded_state_dict()
+        if extra_state is not None:
+            sharded.update(_disjoint(extra_state(sharded), sharded))
+        dist_checkpointing.save(sharded, str(tmp))
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
+            if assets is not None:
+                assets(tmp)
             dtype = next(model.parameters()).dtype
             write_metadata(tmp, model.args, model.layout, dtype, model.padded_vocab_size,
                            extra={"source": "training", **(metadata or {})})
@@ -226,8 +238,18 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, *, overwrite: bool 
         raise
 
 
-def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Load a checkpoint written at any TP/PP into a live model; collective over all ranks."""
+def _disjoint(extra: dict, model_state: dict) -> dict:
+    clash = sorted(set(extra) & set(model_state))
+    if clash:
+        raise ValueError(f"extra checkpoint entries {clash} clash with the model's own")
+    return extra
+
+
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path, *, extra_state: ExtraState | None = None) -> dict:
+    """Load a checkpoint written at any TP/PP into a live model; collective over all ranks.
+
+    With ``extra_state`` (as for :func:`save_model`) those entries are loaded too and returned.
+    """
     meta = read_metadata(ckpt_dir)
     args = getattr(model, "args", None)
     if args is not None:
@@ -235,11 +257,11 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
         if saved != args:
             a, b = dataclasses.asdict(saved), dataclasses.asdict(args)
             differ = sorted(k for k in a if a[k] != b[k])
-            raise ValueError(f"{ckpt_dir} holds another model than this one: {', '.join(differ)} differ "
+            raise CheckpointError(f"{ckpt_dir} holds another model than this one: {', '.join(differ)} differ "
                              f"(checkpoint {[a[k] for k in differ]}, model {[b[k] for k in differ]})")
     padded = getattr(model, "padded_vocab_size", None)
     if padded is not None and meta["padded_vocab_size"] != padded:
-        raise ValueError(
+        raise CheckpointError(
             f"{ckpt_dir} holds a vocab padded to {meta['padded_vocab_size']} rows but this model pads to "
             f"{padded} (tensor_parallel / make_vocab_size_divisible_by differ); convert again for this layout"
         )
@@ -247,11 +269,15 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     absent = _absent_extra_states(sharded, ckpt_dir)
     for key in absent:
         del sharded[key]
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    request = dict(sharded)
+    if extra_state is not None:
+        request.update(_disjoint(extra_state(sharded), sharded))
+    state = dist_checkpointing.load(request, str(ckpt_dir))
+    missing, unexpected = model.load_state_dict({k: state[k] for k in sharded}, strict=False)
     if unexpected or set(missing) - set(absent):
         raise ValueError(f"{ckpt_dir} does not fit this model: missing {sorted(set(missing) - set(absent))[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    return {k: v for k, v in state.items() if k not in sharded}
 
 
 def _absent_extra_states(sharded: dict, ckpt_dir: str | Path) -> list[str]:

@@ -1,0 +1,135 @@
+"""What every trainer does before its loop: parallel state, model, tokenizer, image settings,
+checkpoints and metrics, from the Hydra config shared by the SFT and RL entry points."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from omegaconf import DictConfig, OmegaConf
+
+from .. import platform
+from ..checkpoint import CheckpointError, load_model
+from ..checkpoint.convert import HF_ASSETS
+from ..config import model_from_conf
+from ..data import ImageConfig, ImageError, RecordError, SampleError, load_tokenizer
+from ..data.images import CLIP_MEAN, CLIP_STD
+from ..errors import UsageError
+from ..models.qwen2_5_vl import ConfigError, ImageTokenError, ParallelLayout, Qwen25VLArgs, build_model
+from ..models.qwen2_5_vl.specs import resolve_backend
+from .checkpoint import TrainingCheckpoints, collect_hf_assets
+
+# errors that mean "change the command or the data": one line, exit 2 (tracebacks are for bugs)
+USER_ERRORS = (UsageError, ConfigError, CheckpointError, RecordError, SampleError, ImageError, ImageTokenError,
+               FileNotFoundError, FileExistsError)
+
+
+def main_guard(run: Callable[[DictConfig], Any], cfg: DictConfig, name: str) -> None:
+    """Run an entry point; a user error prints one line (per rank that hits it) and exits 2."""
+    try:
+        run(cfg)
+    except USER_ERRORS as e:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        where = f" [rank {rank}]" if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else ""
+        print(f"{name}{where}: error: {e}", file=sys.stderr, flush=True)
+        platform.shutdown_distributed()
+        sys.exit(2)
+
+
+@dataclass
+class Parallel:
+    args: Qwen25VLArgs
+    layout: ParallelLayout
+    backend: str
+    dtype: torch.dtype
+    dp_rank: int
+    dp_size: int
+    is_writer: bool  # global rank 0: writes metrics, prints
+
+    @property
+    def pad_to(self) -> int:
+        """Packed micro-batches are padded to a multiple of this (sequence parallelism splits them)."""
+        return self.layout.tensor_parallel if self.layout.sequence_parallel else 1
+
+
+def start_parallel(cfg: DictConfig) -> Parallel:
+    """Parallel state for ``cfg.model``'s layout over this job's processes."""
+    args, layout = model_from_conf(cfg.model)
+    if layout.sequence_parallel and layout.tensor_parallel == 1:
+        layout.sequence_parallel = False  # nothing to split over: megatron-core refuses SP without TP
+    platform.init_distributed(layout.tensor_parallel, layout.pipeline_parallel, seed=int(cfg.seed))
+    dtype = {"auto": torch.bfloat16 if platform.has_cuda() else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32}.get(str(cfg.train.dtype))
+    if dtype is None:
+        raise UsageError(f"train.dtype must be auto, bf16 or fp32, got {cfg.train.dtype!r}")
+    return Parallel(args, layout, resolve_backend(cfg.backend), dtype, ps.get_data_parallel_rank(),
+                    ps.get_data_parallel_world_size(), torch.distributed.get_rank() == 0)
+
+
+def build_policy(cfg: DictConfig, par: Parallel, *, resume: Optional[Path]) -> torch.nn.Module:
+    """This rank's model, with ``init_from``'s weights unless the run resumes (the checkpoint then
+    brings them, with the optimizer's state)."""
+    overrides = platform.fusion_config(par.backend, gradient_accumulation=True)
+    model = build_model(par.args, par.layout, backend=par.backend, dtype=par.dtype, config_overrides=overrides)
+    if platform.has_cuda():
+        model = model.cuda()
+    if resume is None and cfg.init_from:
+        load_model(model, cfg.init_from)
+    return model
+
+
+def source_assets(cfg: DictConfig) -> Optional[Path]:
+    """The ``hf_assets`` folder of ``init_from``, if it has one."""
+    if cfg.init_from and (Path(cfg.init_from) / HF_ASSETS).is_dir():
+        return Path(cfg.init_from) / HF_ASSETS
+    return None
+
+
+def tokenizer_dir(cfg: DictConfig) -> Path:
+    path = Path(cfg.tokenizer) if cfg.tokenizer else source_assets(cfg)
+    if path is None or not path.is_dir():
+        raise UsageError("no tokenizer: set tokenizer=<folder> (or init_from a checkpoint whose hf_assets has one)"
+                         if path is None else f"tokenizer folder {path} does not exist")
+    return path
+
+
+def image_config(cfg: DictConfig) -> ImageConfig:
+    """Image bounds from the config, else from ``init_from``'s processor file, else transformers'
+    defaults: trainer, rollout and evaluation must resize images the same way."""
+    assets = source_assets(cfg)
+    saved = {}
+    if assets is not None and (assets / "preprocessor_config.json").is_file():
+        saved = json.loads((assets / "preprocessor_config.json").read_text())
+    defaults = ImageConfig()
+    pick = lambda key: int(cfg.data.get(key) or saved.get(key) or getattr(defaults, key))  # noqa: E731
+    return ImageConfig(min_pixels=pick("min_pixels"), max_pixels=pick("max_pixels"))
+
+
+def processor_file(images: ImageConfig) -> str:
+    """A ``preprocessor_config.json`` for the image settings the run used."""
+    return json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_convert_rgb": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "min_pixels": images.min_pixels, "max_pixels": images.max_pixels, "patch_size": images.patch_size,
+        "temporal_patch_size": images.temporal_patch_size, "merge_size": images.merge_size}, indent=2)
+
+
+def checkpoints(cfg: DictConfig, images: ImageConfig, tokenizer: Path) -> TrainingCheckpoints:
+    assets = collect_hf_assets(source_assets(cfg), tokenizer,
+                               generated={"preprocessor_config.json": processor_file(images)})
+    return TrainingCheckpoints(cfg.checkpoint.dir, keep_last=int(cfg.checkpoint.keep_last), hf_assets=assets)
+
+
+def load_tokenizer_for(cfg: DictConfig):
+    path = tokenizer_dir(cfg)
+    return path, load_tokenizer(path)
+
+
+def config_summary(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
