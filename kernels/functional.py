@@ -181,3 +181,11 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
         out = reference.grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask,
                                   temperature=temperature, tp_group=tp_group, **clips)
     return tuple(t.reshape(shape) for t in out)
+
+
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, tp_group=None) -> torch.Tensor:
+    """Entropy of the policy's next-token distribution per row, fp32, no gradient (a metric);
+    ``logits`` ``[T, V]`` or ``[B, T, V]``, a vocab shard under ``tp_group``."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return reference.token_entropy(logits, temperature=temperature, tp_group=tp_group)

@@ -111,3 +111,25 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
     loss = pg + kl_beta * k3 if kl_beta else pg  # kl_beta = 0: the KL term is off entirely
     zero = torch.zeros_like(loss)
     return torch.where(keep, loss, zero), logp, torch.where(keep, k3, zero)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, tp_group=None, chunk_rows: int = 1024
+                  ) -> torch.Tensor:
+    """Entropy of ``softmax(logits / T)`` per row, fp32, rows processed ``chunk_rows`` at a time
+    (never a full fp32 copy of the logits). With ``tp_group`` the logits are a vocab shard."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], chunk_rows):
+        z = flat[start:start + chunk_rows].float() / temperature
+        m = z.amax(-1)
+        if tp_group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+        e = torch.exp(z - m[:, None])
+        s, t = e.sum(-1), (e * z).sum(-1)
+        if tp_group is not None:
+            st = torch.stack([s, t])
+            dist.all_reduce(st, group=tp_group)
+            s, t = st[0], st[1]
+        out[start:start + chunk_rows] = m + torch.log(s) - t / s
+    return out.reshape(logits.shape[:-1])

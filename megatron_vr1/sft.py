@@ -15,6 +15,7 @@ from .training import quiet  # noqa: F401  (first: before megatron-core is impor
 
 import math
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -27,6 +28,7 @@ from .errors import UsageError
 from .training import flops
 from .training.metrics import MetricsLog
 from .training.optimizer import OptimizerSettings, wrap_and_optimize
+from .training.profile import StepProfiler
 from .training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, main_guard,
                              start_parallel)
 from .training.step import CrossEntropy, train_step
@@ -74,6 +76,7 @@ def run(cfg: DictConfig) -> None:
               f"TP={par.layout.tensor_parallel} PP={par.layout.pipeline_parallel} DP={par.dp_size}, {origin}",
               flush=True)
     stop = StopRequest()
+    profiler = StepProfiler(cfg.metrics.get("profile_step"), Path(cfg.checkpoint.dir) / "profile", par.is_writer)
     objective = CrossEntropy()
     device = platform.device()
     peak = platform.peak_flops()
@@ -86,7 +89,8 @@ def run(cfg: DictConfig) -> None:
             batches = [packed_batch(mb, par.args, pad_to_multiple_of=par.pad_to, pad_id=pad_id).to(
                 device, non_blocking=True) for mb in data.micro_batches]
             loaded = time.perf_counter()
-            result = train_step(ddp, optimizer, scheduler, batches, objective)
+            with profiler(step + 1):
+                result = train_step(ddp, optimizer, scheduler, batches, objective)
             step += 1
             elapsed = time.perf_counter() - start
             counts = torch.tensor([len(data.skipped), 0.0], device=device)
@@ -105,7 +109,7 @@ def run(cfg: DictConfig) -> None:
                 values["mfu"] = float(counts[1]) / elapsed / (peak * torch.distributed.get_world_size())
             metrics.log(step, values)
             stopping = stop.agreed()
-            if stopping or step % int(cfg.checkpoint.every) == 0 or step == total_steps:
+            if stopping or step % int(cfg.checkpoint.every) == 0 or (step == total_steps and cfg.checkpoint.at_end):
                 ckpts.save(step, model, optimizer, scheduler, {"data": loader.state_dict()})
             if stopping:
                 if par.is_writer:

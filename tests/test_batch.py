@@ -54,3 +54,41 @@ def test_text_only_batches_run_and_skip_the_vit(tiny_model, tokenizer_dir, monke
     assert loss.shape == batch.labels.shape and torch.isfinite(loss).all()
     assert (loss[~batch.loss_mask] == 0).all()
     torch.testing.assert_close(loss.sum(), sum(x.sum() for x in alone))
+
+
+def test_forward_reads_nothing_back_from_the_device(tiny_model, tokenizer_dir):
+    """A packed micro-batch with images and padding through the model and its backward, with every
+    tensor-to-host read recorded: ``.item()``, ``.tolist()``, truth tests, ``torch.equal``,
+    ``nonzero``, boolean indexing. On a GPU each is a synchronisation (megatron-core's THD
+    rotary made one per sequence per layer, the vision windows included); there must be none."""
+    from PIL import Image
+    from torch.overrides import TorchFunctionMode
+
+    args, model = tiny_model
+    tok = load_tokenizer(tokenizer_dir)
+    samples = [build_sample(tok, args, [{"role": "user", "content": f"<image>Colour {i}?"},
+                                        {"role": "assistant", "content": "red " * (3 + i)}],
+                            *process_images([Image.new("RGB", (112 + 28 * i, 84), (200, 30, 30))]))
+               for i in range(3)]
+    batch = packed_batch(samples, args, pad_to_multiple_of=16)
+    reads = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "equal", "nonzero",
+             "masked_select", "unique", "cpu", "numpy")
+    seen = []
+
+    class RecordHostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            boolean_index = name == "__getitem__" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+            if name in reads or boolean_index:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    inputs = batch.model_inputs(with_labels=True)
+    with RecordHostReads():
+        loss = model(**inputs)
+        total = loss.sum()
+    total.backward()
+    assert seen == [], f"host reads in the forward: {sorted(set(seen))}"
+    model.zero_grad(set_to_none=True)

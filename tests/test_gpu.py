@@ -32,12 +32,13 @@ def test_packed_batch_trains_on_cuda(model_parallel_1, tmp_path):
     batch = packed_batch(samples, args, pad_to_multiple_of=8).pin_memory().to("cuda", non_blocking=True)
     text_only = packed_batch(samples[1:], args).to("cuda")
     logits = model(**batch.model_inputs())
+    per_sequence = torch.tensor([1.0, -1.0]).cuda()  # the test's own input: a host copy, before the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         model.embed(text_only.input_ids, None, None, text_only.image_positions, None)
         old = token_logprobs(logits.detach(), batch.labels, mask=batch.loss_mask)
-        adv = batch.per_token(torch.tensor([1.0, -1.0], device="cuda"))
+        adv = batch.per_token(per_sequence)
         loss, _, _ = grpo_loss(logits, batch.labels, old, old, adv, batch.loss_mask, kl_beta=0.01)
         part = aggregate_loss(loss, batch.loss_mask, mode="seq-mean-token-mean", cu_seqlens=batch.cu_seqlens)
     finally:

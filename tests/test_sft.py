@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     from megatron_vr1.data.demo import generate
 
@@ -27,7 +27,7 @@ def demo(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def init_ckpt(tmp_path_factory, model_parallel_1):
     """A random toy Qwen2.5-VL in transformers, converted: every run starts from the same weights."""
     from omegaconf import OmegaConf
@@ -80,7 +80,7 @@ def common(demo: Path, init: Path, *extra: str) -> list[str]:
             "metrics.tensorboard=false", *extra]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo_with_tokenizer(demo, toy_tokenizer_dir):
     (demo.parent / "tokenizer").symlink_to(toy_tokenizer_dir, target_is_directory=True)
     return demo
@@ -90,7 +90,7 @@ LAYOUTS = {"tp1": (1, []), "tp2": (2, ["model.parallel.tensor_parallel=2", "mode
            "pp2": (2, ["model.parallel.pipeline_parallel=2"]), "dp2": (2, [])}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory, demo_with_tokenizer, init_ckpt):
     root = tmp_path_factory.mktemp("layouts")
     runs = {}
@@ -100,11 +100,6 @@ def reference_runs(tmp_path_factory, demo_with_tokenizer, init_ckpt):
     return runs
 
 
-# tests on the reference runs share one xdist worker, so the runs are made once
-on_reference_runs = pytest.mark.xdist_group("sft_reference_runs")
-
-
-@on_reference_runs
 def test_losses_are_the_same_at_every_layout(reference_runs):
     """Same seed, data and initial weights: TP=2 with sequence parallelism, PP=2 and DP=2 (each with
     several micro-batches per step) train exactly like one process."""
@@ -133,7 +128,6 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
     proc.wait()
 
 
-@on_reference_runs
 @pytest.mark.parametrize("layout", ["tp1", "tp2"])
 def test_resume_after_sigkill_in_a_step_and_in_a_save(tmp_path, reference_runs, demo_with_tokenizer, init_ckpt,
                                                       layout):
@@ -156,7 +150,6 @@ def test_resume_after_sigkill_in_a_step_and_in_a_save(tmp_path, reference_runs, 
         ["iter_0000002", "iter_0000004"]
 
 
-@on_reference_runs
 def test_sft_checkpoint_exports_and_loads_in_transformers(tmp_path, reference_runs, model_parallel_1):
     from transformers import Qwen2_5_VLForConditionalGeneration
 

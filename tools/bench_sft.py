@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--profile-step", type=int, default=None,
+                        help="profile this step and print where its device time goes")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for the trainer")
     opts = parser.parse_args()
 
@@ -72,8 +74,10 @@ def main() -> int:
         trainer = ["-m", "megatron_vr1.sft", f"model={opts.model}", f"data.train={data}", f"tokenizer={tokenizer}",
                    f"checkpoint.dir={run}", f"train.steps={opts.steps}", f"train.global_batch_size={opts.global_batch}",
                    f"train.micro_batch_tokens={opts.micro_batch_tokens}",
-                   f"data.max_tokens={opts.micro_batch_tokens}", f"checkpoint.every={opts.steps + 1}",
+                   f"data.max_tokens={opts.micro_batch_tokens}", f"checkpoint.every={opts.steps + 1}", "checkpoint.at_end=false",
                    "metrics.tensorboard=false", "train.lr=1e-5", *opts.overrides]
+        if opts.profile_step:
+            trainer.append(f"metrics.profile_step={opts.profile_step}")
         launcher = [sys.executable] if opts.nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={opts.nproc}"]
         env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -82,6 +86,8 @@ def main() -> int:
             print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
             return proc.returncode
         steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]  # warm-up
+        profile = run / "profile" / f"step_{opts.profile_step}.json"
+        profile = json.loads(profile.read_text()) if opts.profile_step and profile.exists() else None
     med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
     print(f"model {opts.model}, {opts.nproc} process(es), {opts.global_batch} samples/step of ~{med('tokens') / opts.global_batch:.0f}"
           f" tokens, median of {len(steps)} steps after the first:")
@@ -90,7 +96,27 @@ def main() -> int:
     mfu = f"{100 * med('mfu'):.1f}%" if all("mfu" in s for s in steps) else "n/a (CPU)"
     print(f"| {med('time_step'):.2f} | {med('time_data'):.3f} | {med('time_forward_backward'):.2f} | "
           f"{med('time_optimizer'):.3f} | {med('tokens_per_s'):.0f} | {mfu} |")
+    if profile is not None:
+        print_profile(profile, opts.profile_step)
     return 0
+
+
+def print_profile(entries: list[dict], step: int) -> None:
+    from megatron_vr1.training.profile import time_categories
+
+    cats = time_categories(entries)
+    total = sum(cats.values())
+    if not total:
+        print(f"step {step} profile: no device time recorded (CPU run)")
+        return
+    print(f"\nstep {step}, device time by kind of kernel ({total:.2f} s in all):")
+    print("| kind | seconds | share |")
+    print("| --- | --- | --- |")
+    for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"| {cat} | {t:.3f} | {100 * t / total:.0f}% |")
+    print("\nlongest kernels:")
+    for e in [e for e in entries if e["kernel"] and e["device_us"] > 0][:15]:
+        print(f"  {e['device_us'] / 1e3:9.1f} ms  {e['calls']:6d} x  {e['name'][:110]}")
 
 
 if __name__ == "__main__":

@@ -36,15 +36,19 @@ def device_peak_bw(name: str) -> float | None:
 
 
 def make_inputs(t: int, v: int, device: str, seed: int = 0):
-    """Logits have t+1 rows (the last predicts nothing), as a causal LM produces them; each
-    implementation takes the view it needs, so no one pays for a copy."""
+    """``t`` tokens to score, as a causal LM produces them: logits have t+1 rows, and row t+1
+    predicts nothing (label -100, masked). Every implementation takes the whole logits tensor, as
+    it would straight from the output layer: a slice would make autograd write a zero-filled copy
+    of the gradient (SliceBackward), which would dominate the time and memory measured."""
     g = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(t + 1, v, device=device, generator=g).mul_(2).to(torch.bfloat16)
-    labels = torch.randint(0, v, (t,), device=device, generator=g)
-    old = -torch.rand(t, device=device, generator=g) * 5
-    ref = old + 0.05 * torch.randn(t, device=device, generator=g)
-    adv = torch.randn(t, device=device, generator=g)
-    mask = torch.rand(t, device=device, generator=g) > 0.1
+    labels = torch.randint(0, v, (t + 1,), device=device, generator=g)
+    labels[-1] = -100
+    old = -torch.rand(t + 1, device=device, generator=g) * 5
+    ref = old + 0.05 * torch.randn(t + 1, device=device, generator=g)
+    adv = torch.randn(t + 1, device=device, generator=g)
+    mask = torch.rand(t + 1, device=device, generator=g) > 0.1
+    mask[-1] = False
     return logits, labels, old, ref, adv, mask
 
 
@@ -57,13 +61,13 @@ def implementations(compile_ref: bool, configs: list[tuple[int, int]]) -> dict[s
         def run(logits, labels, old, ref, adv, mask):
             # the kernel wrappers read the launch config at call time
             fused_grpo_loss.BLOCK_V, fused_grpo_loss.NUM_WARPS = block, warps
-            loss, _, _ = grpo_loss(logits[:-1], labels, old, ref, adv, mask, backend="triton",
+            loss, _, _ = grpo_loss(logits, labels, old, ref, adv, mask, backend="triton",
                                    inplace_backward=inplace, **kw)
             return (loss.sum() / mask.sum()).backward()
         return run
 
     def reference(logits, labels, old, ref, adv, mask):
-        loss, _, _ = grpo_loss(logits[:-1], labels, old, ref, adv, mask, backend="torch", **kw)
+        loss, _, _ = grpo_loss(logits, labels, old, ref, adv, mask, backend="torch", **kw)
         return (loss.sum() / mask.sum()).backward()
 
     impls = {}
@@ -78,7 +82,7 @@ def implementations(compile_ref: bool, configs: list[tuple[int, int]]) -> dict[s
         compiled = torch.compile(ref_mod.grpo_loss, dynamic=False)
 
         def reference_compiled(logits, labels, old, ref, adv, mask):
-            loss, _, _ = compiled(logits[:-1], labels, old, ref, adv, mask, **kw)
+            loss, _, _ = compiled(logits, labels, old, ref, adv, mask, **kw)
             return (loss.sum() / mask.sum()).backward()
 
         impls["torch.compile"] = reference_compiled
@@ -87,7 +91,8 @@ def implementations(compile_ref: bool, configs: list[tuple[int, int]]) -> dict[s
 
         def liger(logits, labels, old, ref, adv, mask):
             # Liger takes [B, L+1, V] logits and one advantage per sequence (B=1 here)
-            out = triton_grpo_loss(logits[None], old[None], ref[None], labels[None], adv[:1], mask[None].contiguous(),
+            out = triton_grpo_loss(logits[None], old[None, :-1], ref[None, :-1], labels[None, :-1], adv[:1],
+                                   mask[None, :-1].contiguous(),
                                    temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.28, inplace=True)
             loss = out[0] if isinstance(out, tuple) else out
             loss.sum().backward()
@@ -148,8 +153,9 @@ def main() -> None:
         for label, fn in impls.items():
             try:
                 ms, peak = measure(fn, inputs, opts.iters, device)
-            except torch.cuda.OutOfMemoryError:
-                print(f"| {t} | {label} | OOM | | | |")
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # torch.compile's autotuner raises others
+                oom = "out of memory" in str(e).lower()
+                print(f"| {t} | {label} | {'OOM' if oom else 'error: ' + str(e).splitlines()[0][:80]} | | | |")
                 torch.cuda.empty_cache()
                 continue
             gbs = moved / (ms / 1e3) / 1e9

@@ -8,7 +8,7 @@
 #                compiled, Liger-Kernel (if installed, or as a wheel under .whl/)
 #
 #   bash kernels/bench/gpu_check.sh                      # T in {4K, 16K, 64K}
-#   TOKENS="4096" CONFIGS="4096x8" bash kernels/bench/gpu_check.sh
+#   TOKENS="4096" CONFIGS="4096x8" KERNEL_TESTS=0 bash kernels/bench/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-kernels/bench/out}
@@ -24,8 +24,10 @@ fi
 "$py" -m pip install -q --no-deps --no-build-isolation -e .
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory --format=csv | tee "$out/device.txt"
-"$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/tests.txt" ||
-    echo "kernel tests FAILED: see $out/tests.txt (going on to the measurements)"
+if [ "${KERNEL_TESTS:-1}" = 1 ]; then
+    "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/tests.txt" ||
+        echo "kernel tests FAILED: see $out/tests.txt (going on to the measurements)"
+fi
 "$py" -m megatron_vr1.kernels.compile_check --configs ${CONFIGS:-2048x4 4096x8 8192x8 8192x16} | tee "$out/compile.md"
 "$py" kernels/bench/bench_grpo_loss.py --tokens ${TOKENS:-4096 16384 65536} \
     --configs ${CONFIGS:-2048x4 4096x8 8192x8 8192x16} 2>&1 | tee "$out/bench.md"

@@ -43,6 +43,7 @@ class Batch:
     image_grid_thw: Optional[torch.Tensor] = None  # [images, 3], on the host
     image_positions: Optional[torch.Tensor] = None  # flat (batch-major) indices of the image tokens
     vision: Optional[VisionLayout] = None  # the ViT's layout of these images
+    extras: dict = field(default_factory=dict)  # per-token tensors [B, S] a trainer attaches (advantages, ...)
 
     @property
     def packed(self) -> bool:
@@ -62,9 +63,13 @@ class Batch:
         """One value per sequence (e.g. its advantage) spread over its tokens: ``[B, S]``, 0 on padding."""
         if per_sequence.shape != (self.num_sequences,):
             raise ValueError(f"expected one value per sequence ({self.num_sequences}), got {list(per_sequence.shape)}")
-        lengths = torch.tensor(self.lengths, dtype=torch.long, device=per_sequence.device)
         out = torch.zeros(self.input_ids.shape, dtype=per_sequence.dtype, device=per_sequence.device)
         if self.packed:
+            n = self.num_sequences
+            if self.cu_seqlens.device == per_sequence.device:  # on the device: no host copy, no sync
+                lengths = (self.cu_seqlens[1:n + 1] - self.cu_seqlens[:n]).long()
+            else:
+                lengths = torch.tensor(self.lengths, dtype=torch.long).to(per_sequence.device)
             out[0, :self.num_tokens] = per_sequence.repeat_interleave(lengths, output_size=self.num_tokens)
             return out
         return torch.where(self.attention_mask.bool(), per_sequence[:, None], out)
@@ -72,17 +77,20 @@ class Batch:
     def packed_seq_params(self):
         """megatron-core's ``PackedSeqParams`` (THD); the padding block, if any, is its own sequence
         so that attention never mixes it with real tokens."""
-        from megatron.core.packed_seq_params import PackedSeqParams
+        from ..models.common.attention import packed_seq_params
 
         if not self.packed:
             raise ValueError("a padded [B, S] batch has no packed-sequence parameters")
         total, real = self.input_ids.shape[1], self.num_tokens
         cu = self.cu_seqlens
+        bounds = [0]
+        for n in self.lengths:
+            bounds.append(bounds[-1] + n)
         if total > real:
             cu = torch.cat([cu, cu.new_full((1,), total)])
+            bounds.append(total)
         longest = max(self.lengths + [total - real])
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                               max_seqlen_kv=longest)
+        return packed_seq_params(cu, bounds, longest)
 
     def model_inputs(self, *, with_labels: bool = False) -> dict:
         """Keyword arguments of :class:`~megatron_vr1.models.qwen2_5_vl.Qwen25VLModel`'s forward."""
@@ -100,6 +108,8 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """The batch with its tensors on ``device`` (host metadata stays where it is)."""
         def move(name, value):
+            if isinstance(value, dict):
+                return {k: move(k, v) for k, v in value.items()}
             if name in _HOST_FIELDS or value is None or not hasattr(value, "to"):
                 return value
             return value.to(device, non_blocking=non_blocking)
@@ -109,6 +119,8 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Page-locked copies (``DataLoader(pin_memory=True)`` calls this), for async copies."""
         def pin(value):
+            if isinstance(value, dict):
+                return {k: pin(v) for k, v in value.items()}
             if isinstance(value, torch.Tensor):
                 return value.pin_memory()
             if isinstance(value, VisionLayout):

@@ -20,7 +20,7 @@ from .formats import format_choices
 
 COLOURS = {"red": (220, 50, 47), "blue": (38, 139, 210), "green": (133, 153, 0), "orange": (203, 75, 22),
            "purple": (108, 113, 196)}
-KINDS = ("count", "bar", "arithmetic", "geometry")
+KINDS = ("count", "bar", "arithmetic", "geometry")  # the demo's mix; "colour" is there too, asked for by name
 
 
 @dataclass
@@ -127,7 +127,21 @@ def _geometry(rng: random.Random) -> Problem:
                    f"The rectangle's sides are {w} and {h}, so its area is {w} x {h} = {w * h}.")
 
 
-_MAKERS = {"count": _count, "bar": _bar, "arithmetic": _arithmetic, "geometry": _geometry}
+def _colour(rng: random.Random) -> Problem:
+    """One large shape in one of three colours, on a small canvas: a task a tiny model can learn."""
+    img, d = _canvas(112, 84)
+    name = rng.choice(COLOUR_TASK)
+    fill = COLOURS[name]
+    if rng.random() < 0.5:
+        d.ellipse([16, 6, 96, 78], fill=fill)
+    else:
+        d.rectangle([20, 10, 92, 74], fill=fill)
+    return Problem("colour", img, "What colour is the shape?", name, f"The shape is filled with {name}.")
+
+
+COLOUR_TASK = ("red", "green", "blue")
+_MAKERS = {"count": _count, "bar": _bar, "arithmetic": _arithmetic, "geometry": _geometry, "colour": _colour}
+ALL_KINDS = tuple(_MAKERS)
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -139,7 +153,7 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     texts = [DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n", "Choices:\nA. B. C. D.",
              "0 1 2 3 4 5 6 7 8 9 10 100 -", "Final Answer:", "<think> </think><answer> </answer>"]
     for i in range(n):
-        p = _MAKERS[KINDS[i % len(KINDS)]](rng)
+        p = _MAKERS[ALL_KINDS[i % len(ALL_KINDS)]](rng)
         texts += [question_text(p), answer_text(p)]
     return texts
 
@@ -152,15 +166,20 @@ def question_text(p: Problem) -> str:
     return format_choices(p.question, p.choices)
 
 
-def generate(out_dir: str | Path, *, n_sft: int = 64, n_rl: int = 64, n_eval: int = 32, seed: int = 0) -> dict:
-    """Write ``images/``, ``sft.json``, ``rl.jsonl`` and ``eval.jsonl`` under ``out_dir``."""
+def generate(out_dir: str | Path, *, n_sft: int = 64, n_rl: int = 64, n_eval: int = 32, seed: int = 0,
+             kinds: tuple[str, ...] = KINDS) -> dict:
+    """Write ``images/``, ``sft.json``, ``rl.jsonl`` and ``eval.jsonl`` under ``out_dir``, cycling
+    through the problem ``kinds``."""
+    unknown = set(kinds) - set(_MAKERS)
+    if unknown or not kinds:
+        raise ValueError(f"unknown demo problem kinds {sorted(unknown)}; known: {sorted(_MAKERS)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     counts = {}
 
     def make(split: str, i: int) -> tuple[Problem, str]:
-        p = _MAKERS[KINDS[i % len(KINDS)]](rng)
+        p = _MAKERS[kinds[i % len(kinds)]](rng)
         rel = f"images/{split}_{i:05d}.png"
         p.image.save(out / rel)
         return p, rel

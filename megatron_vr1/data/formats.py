@@ -330,6 +330,8 @@ class Prompt:
     sample: Sample  # prompt tokens (ending with the assistant header), images, position ids
     answer: str
     extra: dict = field(default_factory=dict)
+    image_sources: list = field(default_factory=list)  # the record's images (paths or bytes), for engines that
+    # process images themselves
 
 
 class RLDataset(_RecordSource):
@@ -350,7 +352,7 @@ class RLDataset(_RecordSource):
                               image_cfg=self.image_cfg, system_prompt=self.system_prompt, add_generation_prompt=True)
         if len(sample) > self.max_tokens:
             raise SampleError(f"prompt of {len(sample)} tokens exceeds max_tokens={self.max_tokens}")
-        return Prompt(rid, sample, answer, extra)
+        return Prompt(rid, sample, answer, extra, list(paths))
 
 
 class EvalDataset(RLDataset):

@@ -57,7 +57,6 @@ def wrap_and_optimize(model: torch.nn.Module, settings: OptimizerSettings, total
     freeze(model, vision=settings.freeze_vision, merger=settings.freeze_merger)
     config = model.config
     config.calculate_per_token_loss = True
-    config.variable_seq_lengths = True  # packed micro-batches differ in length (pipeline shapes are sent)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
                                                use_distributed_optimizer=True)
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)

@@ -71,10 +71,24 @@ def start_parallel(cfg: DictConfig) -> Parallel:
                     ps.get_data_parallel_world_size(), torch.distributed.get_rank() == 0)
 
 
+def recompute_config(kind: str, layers: int = 1) -> dict[str, Any]:
+    """megatron-core activation recomputation: ``none``; ``selective`` (core attention runs again
+    in the backward pass, GEMM outputs are kept); ``full`` (each block of ``layers`` layers keeps
+    only its input and runs again in the backward pass)."""
+    if kind == "none":
+        return {}
+    if kind == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if kind == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": int(layers)}
+    raise UsageError(f"train.recompute must be none, selective or full, got {kind!r}")
+
+
 def build_policy(cfg: DictConfig, par: Parallel, *, resume: Optional[Path]) -> torch.nn.Module:
     """This rank's model, with ``init_from``'s weights unless the run resumes (the checkpoint then
     brings them, with the optimizer's state)."""
-    overrides = platform.fusion_config(par.backend, gradient_accumulation=True)
+    overrides = dict(platform.fusion_config(par.backend, gradient_accumulation=True),
+                     **recompute_config(cfg.train.get("recompute", "none"), cfg.train.get("recompute_layers", 1)))
     model = build_model(par.args, par.layout, backend=par.backend, dtype=par.dtype, config_overrides=overrides)
     if platform.has_cuda():
         model = model.cuda()

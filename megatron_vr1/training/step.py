@@ -94,7 +94,10 @@ def train_step(model, optimizer, scheduler, batches: Sequence[Batch], objective:
     platform.synchronize()
     middle = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
-    updated, grad_norm, _ = optimizer.step()
+    if totals[1] > 0:
+        updated, grad_norm, _ = optimizer.step()
+    else:  # nothing to learn from anywhere (e.g. every group dropped): Adam's moments must not move the weights
+        updated, grad_norm = False, None
     if updated:
         scheduler.step(increment=1)
     platform.synchronize()

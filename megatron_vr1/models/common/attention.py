@@ -7,6 +7,8 @@ packed sequences; this one runs each packed sequence (or vision window) as its o
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -18,6 +20,21 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+
+@dataclasses.dataclass
+class HostPackedSeqParams(PackedSeqParams):
+    """``PackedSeqParams`` that also carry the boundaries as host ints: the local attention then
+    groups blocks by length without reading ``cu_seqlens`` back from the device."""
+
+    host_cu_seqlens: Optional[tuple] = None
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, bounds, longest: int) -> HostPackedSeqParams:
+    """THD parameters for blocks ``[bounds[i], bounds[i+1])`` (``cu_seqlens`` is ``bounds`` as an
+    int32 tensor on the compute device)."""
+    return HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                               max_seqlen_q=longest, max_seqlen_kv=longest, host_cu_seqlens=tuple(bounds))
 
 
 class TorchSDPAttention(MegatronModule):
@@ -57,9 +74,10 @@ class TorchSDPAttention(MegatronModule):
         if packed_seq_params is not None:
             # THD: query [t, heads, dim], key/value [t, groups, dim]
             cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
-            if cu_kv is not None and not torch.equal(cu_q, cu_kv):
+            if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
                 raise ValueError("TorchSDPAttention needs identical query and key cu_seqlens")
-            out = varlen_attention(query, key, value, cu_q, causal=causal, scale=self.softmax_scale, dropout=dropout)
+            out = varlen_attention(query, key, value, cu_q, causal=causal, scale=self.softmax_scale, dropout=dropout,
+                                   bounds=getattr(packed_seq_params, "host_cu_seqlens", None))
             return out.reshape(out.shape[0], -1)
         # SBHD: [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -91,27 +109,41 @@ def varlen_attention(
     causal: bool,
     scale: float,
     dropout: float = 0.0,
+    bounds: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Attention within each ``[cu_seqlens[i], cu_seqlens[i+1])`` block of THD tensors.
 
     Blocks of equal length run as one batch (vision windows are mostly the same size).
+    ``bounds``: ``cu_seqlens`` as host ints, if known (else it is read from the device).
     Returns ``[t, heads, dim]``.
     """
     total = query.shape[0]
-    bounds = cu_seqlens.tolist()
+    bounds = tuple(cu_seqlens.tolist()) if bounds is None else tuple(bounds)
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(f"cu_seqlens {bounds[:3]}...{bounds[-1:]} does not span the {total} packed tokens")
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
+    gqa = query.shape[1] != key.shape[1]
+    for length, count, idx in _blocks_by_length(bounds, query.device):
+        # [n, length, heads, dim] -> [n, heads, length, dim]
+        q, k, v = (t.index_select(0, idx).view(count, length, t.shape[1], t.shape[2]).transpose(1, 2)
+                   for t in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa)
+        out.index_copy_(0, idx, o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]))
+    return out
+
+
+@functools.lru_cache(maxsize=16)  # every layer of a micro-batch asks for the same blocks
+def _blocks_by_length(bounds: tuple, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+    """``(length, count, row indices)`` per block length; the indices are built on the host and
+    copied without blocking (pinned), so no layer waits for the device."""
     by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
             by_length.setdefault(end - start, []).append(start)
-    gqa = query.shape[1] != key.shape[1]
+    out = []
     for length, starts in by_length.items():
-        idx = (torch.tensor(starts, device=query.device)[:, None] + torch.arange(length, device=query.device)).reshape(-1)
-        # [n, length, heads, dim] -> [n, heads, length, dim]
-        q, k, v = (t.index_select(0, idx).view(len(starts), length, t.shape[1], t.shape[2]).transpose(1, 2)
-                   for t in (query, key, value))
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa)
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]))
+        idx = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1)
+        if device.type == "cuda":
+            idx = idx.pin_memory().to(device, non_blocking=True)
+        out.append((length, len(starts), idx))
     return out

@@ -15,11 +15,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from ... import platform
+from ..common import rope
 from .args import Qwen25VLArgs
 from .parallel import ParallelLayout
 from .positions import ImageTokenError, VisionLayout, get_rope_index
 from .specs import decoder_block_spec, layer_spec, resolve_backend, supports_padding_mask
 from .vision import Qwen25VisionModel
+
+rope.install()
 
 
 def _common(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype, backend: str) -> dict:
@@ -66,7 +69,11 @@ def language_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dty
         mrope_section=list(args.mrope_section),
     )
     kw.update(overrides)
-    return TransformerConfig(**kw)
+    config = TransformerConfig(**kw)
+    # packed micro-batches differ in length: pipeline stages send each one's shape first. Set after
+    # construction: the config's check refuses it for the MoE all-gather dispatcher, unused here.
+    config.variable_seq_lengths = True
+    return config
 
 
 def vision_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dtype = torch.float32,

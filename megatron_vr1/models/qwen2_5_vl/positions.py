@@ -131,12 +131,14 @@ class VisionLayout:
     num_patches: int
     max_window: int  # longest window, in patches
     max_image: int  # largest image / frame, in patches
+    window_bounds: tuple = ()  # cu_window_seqlens as host ints
+    image_bounds: tuple = ()  # cu_seqlens as host ints
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "VisionLayout":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return VisionLayout(move(self.window_index), move(self.reverse_index), move(self.cu_window_seqlens),
                             move(self.cu_seqlens), move(self.rotary_angles), self.num_patches, self.max_window,
-                            self.max_image)
+                            self.max_image, self.window_bounds, self.image_bounds)
 
 
 def vision_layout(grid_thw: torch.Tensor, vision: VisionArgs) -> VisionLayout:
@@ -177,4 +179,6 @@ def vision_layout(grid_thw: torch.Tensor, vision: VisionArgs) -> VisionLayout:
         num_patches=cu_full[-1],
         max_window=lengths(cu_window),
         max_image=lengths(cu_full),
+        window_bounds=tuple(cu_window),
+        image_bounds=tuple(cu_full),
     )

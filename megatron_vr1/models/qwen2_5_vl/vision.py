@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 
+from ..common.attention import packed_seq_params
 from ..common.norm import RMSNorm
 from .args import VisionArgs
 from .positions import VisionLayout, vision_layout
@@ -102,15 +102,10 @@ class Qwen25VisionModel(MegatronModule):
         x = self.patch_embed(pixel_values)
         x = x.view(n // unit, unit, -1)[layout.window_index].reshape(n, 1, -1)  # [s, b=1, h] in window order
         rotary = layout.rotary_angles.view(n, 1, 1, -1)
-        full = _packed(layout.cu_seqlens, layout.max_image)
-        windowed = _packed(layout.cu_window_seqlens, layout.max_window)
+        full = packed_seq_params(layout.cu_seqlens, layout.image_bounds, layout.max_image)
+        windowed = packed_seq_params(layout.cu_window_seqlens, layout.window_bounds, layout.max_window)
         for i, layer in enumerate(self.layers):
             x, _ = layer(x, attention_mask=None, rotary_pos_emb=rotary,
                          packed_seq_params=full if i in self._full else windowed)
         merged = self.merger(x.reshape(n, -1))
         return merged[layout.reverse_index]
-
-
-def _packed(cu_seqlens: torch.Tensor, longest: int) -> PackedSeqParams:
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)

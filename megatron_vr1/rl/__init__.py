@@ -1,0 +1,1 @@
+"""GRPO under Progressive Thinking Suppression Training: reward, rollout engines, the RL step."""

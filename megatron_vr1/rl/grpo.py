@@ -1,0 +1,123 @@
+"""The pieces of a GRPO step between rollout and optimizer: training samples from completions,
+mini-batches, and the objectives megatron-core's pipeline schedule runs (log-prob capture for the
+old and reference policies, the clipped GRPO loss with k3 KL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from .. import platform
+from ..data.batch import Batch, packed_batch
+from ..data.packing import pack_balanced
+from ..data.template import Sample
+from ..kernels import aggregate_loss, grpo_loss, token_entropy, token_logprobs
+
+
+def response_sample(prompt: Sample, response_ids: Sequence[int]) -> Sample:
+    """Prompt + response as one training sample; the loss mask is on the response. Response tokens
+    are text, so their 3-D positions continue from the prompt's largest, all three alike."""
+    response = torch.tensor(list(response_ids), dtype=torch.long)
+    start = int(prompt.position_ids.max()) + 1 if len(prompt) else 0
+    positions = torch.arange(start, start + len(response)).expand(3, -1)
+    return Sample(input_ids=torch.cat([prompt.input_ids, response]),
+                  loss_mask=torch.cat([torch.zeros(len(prompt), dtype=torch.bool), torch.ones(len(response), dtype=torch.bool)]),
+                  position_ids=torch.cat([prompt.position_ids, positions], dim=1),
+                  pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+
+
+@dataclass
+class RolloutSequence:
+    """One completion as a training sample, with its group-normalised advantage."""
+
+    sample: Sample
+    advantage: float
+
+
+def mini_batches(seqs: list[RolloutSequence], count: int, seed: int) -> list[list[RolloutSequence]]:
+    """``count`` mini-batches of this rank's sequences, in a seeded order (some may be empty)."""
+    order = np.random.default_rng(seed).permutation(len(seqs))
+    return [[seqs[i] for i in part] for part in np.array_split(order, count)]
+
+
+def micro_batches(seqs: list[RolloutSequence], args, *, max_tokens: int, pad_to: int, pad_id: int,
+                  group=None) -> list[Batch]:
+    """Packed micro-batches of one mini-batch with per-token advantages attached; every rank of
+    ``group`` (data parallel) gets the same number, padded with fully masked ones."""
+    bins = pack_balanced([len(s.sample) for s in seqs], max_tokens, 1)[0] if seqs else []
+    count = torch.tensor([len(bins)], device=platform.device())
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    bins = bins + [[] for _ in range(int(count) - len(bins))]
+    batches = []
+    for b in (sorted(b) for b in bins):  # sequences in their given order within a micro-batch
+        batch = packed_batch([seqs[i].sample for i in b], args, pad_to_multiple_of=pad_to, pad_id=pad_id)
+        batch.extras["advantages"] = batch.per_token(torch.tensor([seqs[i].advantage for i in b], dtype=torch.float32))
+        batches.append(batch)
+    return batches
+
+
+class CaptureLogprobs:
+    """A forward-only objective that stores each micro-batch's token log-probs in
+    ``batch.extras[key]`` (on the last pipeline stage, where the logits are)."""
+
+    with_labels = False
+    sum_names = ()
+
+    def __init__(self, key: str, temperature: float) -> None:
+        self.key, self.temperature = key, temperature
+
+    def __call__(self, batch: Batch, logits: torch.Tensor):
+        mask = batch.loss_mask
+        batch.extras[self.key] = token_logprobs(logits.detach(), batch.labels, mask=mask, temperature=self.temperature,
+                                                tp_group=_tp_group())
+        return logits.new_zeros(()), mask.sum(), []
+
+
+@dataclass
+class LossSettings:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: Optional[float] = 3.0
+    kl_beta: float = 1e-2
+    kl_log_ratio_max: float = 20.0
+    aggregation: str = "token-mean"
+    entropy: bool = True
+
+
+class GRPOObjective:
+    """The clipped GRPO loss with k3 KL on one micro-batch (vocab-parallel under TP), aggregated
+    as ``LossSum`` so megatron-core normalises it over the global mini-batch."""
+
+    with_labels = False
+    sum_names = ("response_tokens", "kl", "clipped", "entropy")
+
+    def __init__(self, settings: LossSettings, *, temperature: float, max_response_tokens: int) -> None:
+        self.s, self.temperature, self.max_response_tokens = settings, temperature, max_response_tokens
+
+    def __call__(self, batch: Batch, logits: torch.Tensor):
+        s, mask, tp = self.s, batch.loss_mask, _tp_group()
+        old = batch.extras["old_logprobs"]
+        ref = batch.extras.get("ref_logprobs", old)
+        adv = batch.extras["advantages"]
+        loss, logp, kl = grpo_loss(logits, batch.labels, old, ref, adv, mask, temperature=self.temperature,
+                                   clip_low=s.clip_low, clip_high=s.clip_high, clip_ratio_c=s.clip_ratio_c,
+                                   kl_beta=s.kl_beta, kl_log_ratio_max=s.kl_log_ratio_max, tp_group=tp)
+        part = aggregate_loss(loss, mask, mode=s.aggregation, cu_seqlens=batch.cu_seqlens,
+                              max_response_length=self.max_response_tokens)
+        with torch.no_grad():
+            ratio = torch.exp(logp.detach() - old)
+            clipped = (((adv > 0) & (ratio > 1 + s.clip_high)) | ((adv < 0) & (ratio < 1 - s.clip_low))) & mask
+            entropy = (token_entropy(logits.detach(), temperature=self.temperature, tp_group=tp) * mask).sum() \
+                if s.entropy else logits.new_zeros(())
+            kl_sum = (kl * mask).sum() if "ref_logprobs" in batch.extras else logits.new_zeros(())
+        return part.total, part.count, [mask.sum(), kl_sum, clipped.sum(), entropy]
+
+
+def _tp_group():
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None

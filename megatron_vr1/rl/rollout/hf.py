@@ -1,0 +1,116 @@
+"""Rollout with transformers' Qwen2.5-VL ``generate``: the default on CPU, usable on a GPU.
+
+The engine holds its own Hugging Face-layout copy of the model, filled by weight sync through the
+one name mapping (``iter_hf_weights``). Prompts are left-padded into batches; sampling is
+reproducible from the seed (the caller's RNG state is left as it was).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from ... import platform
+from ...data.batch import collate_padded
+from ...data.template import Sample
+from ...models.qwen2_5_vl import canonical_hf_name
+from .base import Completion, RolloutEngine, SamplingParams
+
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# a response holding these would claim image slots the prompt's pixels do not fill: never sampled
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+class HFEngine(RolloutEngine):
+    def __init__(self, args, tokenizer, *, dtype: torch.dtype = torch.float32, max_batch: int = 64,
+                 attn_implementation: str = "sdpa") -> None:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        self.args, self.tokenizer, self.max_batch = args, tokenizer, max_batch
+        self.end_ids = [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
+        self.pad_id = self.end_ids[-1]
+        self.suppressed = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        config = Qwen2_5_VLConfig(**dict(args.to_hf_config(), bos_token_id=self.pad_id, eos_token_id=self.end_ids[0],
+                                         pad_token_id=self.pad_id))
+        config._attn_implementation = attn_implementation
+        # weights arrive by load_weights: skip initialising them (buffers such as the rotary
+        # frequencies are still computed)
+        with torch.device(platform.device()), _no_init_weights():
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        model.tie_weights()  # skipped with the initialisation: a tied lm_head must be the embedding itself
+        # every buffer on the device: some (the vision rotary's frequencies) are made on the host
+        self.model = model.to(device=platform.device(), dtype=dtype).eval()
+        self._params = {canonical_hf_name(k): p for k, p in self.model.named_parameters()}  # tied ones once
+        if args.tie_word_embeddings and "lm_head.weight" in self._params:
+            raise RuntimeError("the engine's lm_head is not tied to its embedding")
+
+    @torch.no_grad()
+    def load_weights(self, buckets: Iterable[list]) -> int:
+        loaded = set()
+        for bucket in buckets:
+            for name, tensor in bucket:
+                target = self._params.get(name)
+                if target is None:
+                    raise KeyError(f"weight sync sent {name!r}, which the {type(self).__name__} model lacks")
+                target.copy_(tensor)
+                loaded.add(name)
+        missing = sorted(set(self._params) - loaded)
+        if missing:
+            raise KeyError(f"weight sync left {len(missing)} tensors unset, e.g. {missing[:3]}")
+        return len(loaded)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sample], params: SamplingParams) -> list[list[Completion]]:
+        out: list[list[Completion]] = []
+        per_batch = max(1, self.max_batch // params.n)
+        devices = [torch.cuda.current_device()] if platform.has_cuda() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(params.seed)
+            for start in range(0, len(prompts), per_batch):
+                out += self._generate(prompts[start:start + per_batch], params)
+        return out
+
+    def _generate(self, prompts: Sequence[Sample], params: SamplingParams) -> list[list[Completion]]:
+        batch = collate_padded(prompts, self.pad_id, self.args, side="left").to(platform.device())
+        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) \
+            if params.temperature > 0 else dict(do_sample=False)
+        # the batch keeps the grid on the host (the trainer's bookkeeping); transformers wants it beside the pixels
+        images = {} if batch.pixel_values is None else dict(pixel_values=batch.pixel_values,
+                                                            image_grid_thw=batch.image_grid_thw.to(platform.device()))
+        greedy = params.temperature <= 0  # one decode per prompt: its n completions are the same
+        sequences = self.model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, **images, **sampling,
+            max_new_tokens=params.max_new_tokens, num_return_sequences=1 if greedy else params.n,
+            eos_token_id=self.end_ids, suppress_tokens=self.suppressed, pad_token_id=self.pad_id,
+            stop_strings=list(params.stop) or None, tokenizer=self.tokenizer)
+        new = sequences[:, batch.input_ids.shape[1]:].tolist()
+        completions = [self._completion(ids, params) for ids in new]
+        if greedy:
+            return [[Completion(list(c.token_ids), c.text, c.finish_reason) for _ in range(params.n)]
+                    for c in completions]
+        return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    def _completion(self, ids: list[int], params: SamplingParams) -> Completion:
+        """The response up to what ended it. A sequence that finished early is padded (with an
+        end token) while the batch goes on, so it is cut at its first end token, or just after
+        the token that completed a stop string, whichever comes first."""
+        end = next((k + 1 for k, token in enumerate(ids) if token in self.end_ids), None)
+        if end is not None:
+            ids = ids[:end]
+        decode = lambda n: self.tokenizer.decode(ids[:n], skip_special_tokens=True)  # noqa: E731
+        if params.stop and any(s in decode(len(ids)) for s in params.stop):
+            lo, hi = 1, len(ids)  # the fewest tokens whose text holds a stop string
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if any(s in decode(mid) for s in params.stop) else (mid + 1, hi)
+            ids, end = ids[:lo], lo
+        return Completion(ids, decode(len(ids)), "stop" if end is not None else "length")

@@ -1,0 +1,273 @@
+"""GRPO under PTST on Megatron-Core (``python -m megatron_vr1.rl``, the same under torchrun).
+
+One RL step, in order: this replica's share of the prompts; ``group_size`` rollouts per prompt
+(the replica's first rank generates with the engine and shares them); rewards in a process pool;
+group advantages; old log-probs from the policy's own forward and reference log-probs from the
+frozen initial policy, both on the micro-batches the update uses; ``ppo_epochs`` x
+``mini_batches`` optimizer steps on the clipped GRPO loss with k3 KL; weight sync into the engine.
+The PTST stage (response budget, group size) follows the step; checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from omegaconf import DictConfig, OmegaConf
+
+from .. import platform
+from ..checkpoint import iter_hf_weights, load_model, save_model
+from ..data import RLDataset, ShardedLoader, load_image
+from ..errors import UsageError
+from ..kernels import group_advantages
+from ..models.qwen2_5_vl import build_model
+from ..training.metrics import MetricsLog
+from ..training.optimizer import OptimizerSettings, wrap_and_optimize
+from ..training.setup import build_policy, checkpoints, image_config, load_tokenizer_for, start_parallel
+from ..training.step import run_micro_batches, train_step
+from ..training.stopping import StopRequest
+from .grpo import CaptureLogprobs, GRPOObjective, LossSettings, RolloutSequence, micro_batches, mini_batches, \
+    response_sample
+from .ptst import parse_stages, stage_at
+from .reward import RewardPool
+from .rollout import SamplingParams, make_engine
+
+REFERENCE = "reference"  # <checkpoint.dir>/reference: the initial weights when there is no init_from
+
+
+def _seed(base: int, step: int, rank: int) -> int:
+    return (base * 1_000_003 + step * 7_919 + rank) % 2**31
+
+
+def _fields(cls, node: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k in cls.__dataclass_fields__}
+
+
+@dataclass
+class Rollouts:
+    """This replica's rollout batch, the same on all of its ranks (one entry per completion)."""
+
+    tokens: list
+    texts: list
+    finish: list
+    rewards: list
+    format_ok: list
+    correct: list
+
+
+def _reference(cfg: DictConfig, par, model, resume) -> torch.nn.Module:
+    """The frozen reference policy: ``init_from``'s weights, else the run's initial weights (saved
+    beside its checkpoints at the start, so a resumed run has the same reference)."""
+    ref = build_model(par.args, par.layout, backend=par.backend, dtype=par.dtype)
+    if platform.has_cuda():
+        ref = ref.cuda()
+    if cfg.init_from:
+        load_model(ref, cfg.init_from)
+    else:
+        path = Path(cfg.checkpoint.dir) / REFERENCE
+        if resume is None:
+            save_model(model, path, overwrite=True, metadata={"role": "reference"})
+        load_model(ref, path)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def run(cfg: DictConfig) -> None:
+    par = start_parallel(cfg)
+    rl = cfg.rl
+    stages = parse_stages(rl.stages)
+    total_steps = stages[-1].first_step + stages[-1].steps - 1
+    loss_settings = LossSettings(**_fields(LossSettings, rl.loss))
+    tok_dir, tokenizer = load_tokenizer_for(cfg)
+    images = image_config(cfg)
+    dataset = RLDataset(cfg.data.train, tokenizer, par.args, image_root=cfg.data.image_root,
+                        max_tokens=int(cfg.data.max_prompt_tokens), image_cfg=images,
+                        skip_bad_samples=bool(cfg.data.skip_bad_samples))
+    needed = int(cfg.data.max_prompt_tokens) + max(s.max_response_tokens for s in stages)
+    if int(rl.micro_batch_tokens) < needed:
+        raise UsageError(f"rl.micro_batch_tokens ({rl.micro_batch_tokens}) must hold a prompt and a full response: "
+                         f"at least data.max_prompt_tokens + the longest stage's max_response_tokens = {needed}")
+    per_step = {s.index: s.prompts_per_step or int(rl.rollout.prompts_per_step) for s in stages}
+    for index, prompts in per_step.items():
+        if prompts % par.dp_size:
+            raise UsageError(f"stage {index}: {prompts} prompts per step do not split over {par.dp_size} "
+                             f"data-parallel replicas")
+    epochs, minis = int(rl.ppo_epochs), int(rl.mini_batches)
+    temperature = float(rl.rollout.temperature)
+    logp_temperature = temperature if temperature > 0 else 1.0  # greedy rollouts score the plain softmax
+
+    ckpts = checkpoints(cfg, images, tok_dir)
+    resume = ckpts.latest()
+    model = build_policy(cfg, par, resume=resume)
+    ref = _reference(cfg, par, model, resume) if loss_settings.kl_beta > 0 else None
+    settings = OptimizerSettings(**_fields(OptimizerSettings, cfg.train))
+    ddp, optimizer, scheduler = wrap_and_optimize(model, settings, total_steps * epochs * minis)
+    loader = ShardedLoader(dataset, seed=int(cfg.seed), dp_rank=par.dp_rank, dp_size=par.dp_size,
+                           shuffle=bool(cfg.data.shuffle), num_workers=int(cfg.data.num_workers))
+    step = 0
+    if resume is not None:
+        state = ckpts.load(resume, model, optimizer, scheduler)
+        step = int(state["step"])
+        loader.load_state_dict(state["data"])
+
+    mp_group = ps.get_model_parallel_group()
+    leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    leader_rank = min(dist.get_process_group_ranks(mp_group))
+    engine_options = OmegaConf.to_container(rl.engine_options, resolve=True) or {}
+    if rl.engine == "hf":
+        engine_options.setdefault("max_batch", int(rl.rollout.max_batch))
+        engine_options.setdefault("dtype", par.dtype)
+    engine = make_engine(rl.engine, par.args, tokenizer, **engine_options) \
+        if leader or rl.engine == "vllm" else None
+    spmd = engine is not None and engine.spmd
+    rewards = RewardPool(workers=int(rl.reward.workers), timeout=float(rl.reward.timeout)) if leader else None
+    bucket_bytes = int(rl.weight_sync_bucket_mb) << 20
+
+    def sync_weights() -> float:
+        start = time.perf_counter()
+        buckets = iter_hf_weights(model, bucket_bytes)
+        if engine is not None:
+            engine.load_weights(buckets)
+        else:
+            for _ in buckets:  # a collective: every rank takes part
+                pass
+        return time.perf_counter() - start
+
+    sync_weights()
+    metrics = MetricsLog(cfg.checkpoint.dir, total_steps=total_steps, start_step=step, enabled=par.is_writer,
+                         tensorboard=bool(cfg.metrics.tensorboard), progress=cfg.metrics.progress, name="grpo")
+    if par.is_writer:
+        plan = ", ".join(f"{s.steps} x ({s.max_response_tokens} tokens, {s.group_size} rollouts)" for s in stages)
+        origin = f"resumed from {resume}" if resume else (f"from {cfg.init_from}" if cfg.init_from else "random init")
+        print(f"grpo: {len(dataset)} prompts, stages {plan}, engine {rl.engine}, TP={par.layout.tensor_parallel} "
+              f"PP={par.layout.pipeline_parallel} DP={par.dp_size}, {origin}", flush=True)
+    stop = StopRequest()
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    dp_group = ps.get_data_parallel_group()
+    device = platform.device()
+    try:
+        while step < total_steps:
+            step += 1
+            stage = stage_at(stages, step)
+            times = {}
+            t0 = time.perf_counter()
+            prompts = loader.take(per_step[stage.index] // par.dp_size)
+            params = SamplingParams(n=stage.group_size, max_new_tokens=stage.max_response_tokens,
+                                    temperature=temperature, top_p=float(rl.rollout.top_p),
+                                    seed=_seed(int(cfg.seed), step, par.dp_rank))
+
+            # ---- rollout and reward: the replica's first rank (every rank with an SPMD engine)
+            payload = [None]
+            if engine is not None and (leader or spmd):
+                engine.wake()
+                extra = {"images": [[load_image(i, dataset.image_root) for i in p.image_sources]
+                                    for p in prompts]} if spmd else {}
+                outs = engine.generate([p.sample for p in prompts], params, **extra) if prompts else []
+                engine.sleep()
+                times["rollout"] = time.perf_counter() - t0
+                flat = [c for group in outs for c in group]
+                answers = [p.answer for p in prompts for _ in range(stage.group_size)]
+                t1 = time.perf_counter()
+                infos = rewards.score([c.text for c in flat], answers) if leader else []
+                times["reward"] = time.perf_counter() - t1
+                payload = [([c.token_ids for c in flat], [c.text for c in flat], [c.finish_reason for c in flat],
+                            [i.reward for i in infos], [i.format_ok for i in infos], [i.correct for i in infos],
+                            times)]
+            if not spmd and dist.get_world_size(mp_group) > 1:
+                dist.broadcast_object_list(payload, src=leader_rank, group=mp_group)
+            *fields, shared_times = payload[0]
+            times.update(shared_times)
+            batch = Rollouts(*fields)
+
+            # ---- advantages, training sequences, mini- and micro-batches
+            g = stage.group_size
+            reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
+            adv = group_advantages(reward_t, g, std=rl.loss.advantage_std, eps=float(rl.loss.advantage_eps),
+                                   backend="torch") if len(reward_t) else reward_t
+            keep = torch.ones(len(prompts), dtype=torch.bool)
+            if rl.loss.drop_equal_groups and len(reward_t):
+                groups = reward_t.view(-1, g)
+                keep = groups.amax(1) != groups.amin(1)
+            seqs = [RolloutSequence(response_sample(p.sample, batch.tokens[i * g + j]), float(adv[i * g + j]))
+                    for i, p in enumerate(prompts) if keep[i] for j in range(g)]
+            parts = mini_batches(seqs, minis, _seed(int(cfg.seed), step, 10_000 + par.dp_rank))
+            plan = [[b.to(device, non_blocking=True) for b in micro_batches(
+                part, par.args, max_tokens=int(rl.micro_batch_tokens), pad_to=par.pad_to, pad_id=pad_id,
+                group=dp_group)] for part in parts]
+            flat_batches = [b for part in plan for b in part]
+
+            # ---- old and reference log-probs, on the very micro-batches the update uses
+            t1 = time.perf_counter()
+            run_micro_batches(ddp, flat_batches, CaptureLogprobs("old_logprobs", logp_temperature), forward_only=True)
+            times["old_logprobs"] = time.perf_counter() - t1
+            if ref is not None:
+                t1 = time.perf_counter()
+                run_micro_batches(ref, flat_batches, CaptureLogprobs("ref_logprobs", logp_temperature),
+                                  forward_only=True)
+                times["ref_logprobs"] = time.perf_counter() - t1
+
+            # ---- update: ppo_epochs x mini_batches optimizer steps
+            t1 = time.perf_counter()
+            objective = GRPOObjective(loss_settings, temperature=logp_temperature,
+                                      max_response_tokens=stage.max_response_tokens)
+            results = [train_step(ddp, optimizer, scheduler, part, objective) for _ in range(epochs) for part in plan]
+            times["update"] = time.perf_counter() - t1
+            times["sync"] = sync_weights()
+            elapsed = time.perf_counter() - t0
+            metrics.log(step, _step_metrics(batch, adv, keep, seqs, results, stage, times, elapsed, dp_group, device))
+
+            stopping = stop.agreed()
+            if stopping or step % int(cfg.checkpoint.every) == 0 or (step == total_steps and cfg.checkpoint.at_end):
+                ckpts.save(step, model, optimizer, scheduler, {"data": loader.state_dict(), "stage": stage.index})
+            if stopping:
+                if par.is_writer:
+                    print(f"grpo: stopped at step {step} on request; checkpoint saved", flush=True)
+                break
+    finally:
+        metrics.close()
+        loader.close()
+        stop.restore()
+        if rewards is not None:
+            rewards.close()
+    if par.is_writer and step >= total_steps:
+        print(f"grpo: done, {step} steps; last checkpoint {ckpts.latest()}", flush=True)
+    platform.shutdown_distributed()
+
+
+def _step_metrics(batch: Rollouts, adv: torch.Tensor, keep, seqs, results, stage, times, elapsed, dp_group,
+                  device) -> dict:
+    """One JSON line: rollout statistics over all data-parallel replicas, the update's, timings."""
+    lengths = [len(t) for t in batch.tokens]
+    n = len(batch.rewards)
+    sums = torch.tensor([n, sum(batch.rewards), sum(batch.format_ok), sum(batch.correct), sum(lengths),
+                         sum(f == "length" for f in batch.finish), float(adv.sum()) if n else 0.0,
+                         float((adv ** 2).sum()) if n else 0.0, int((~keep).sum()),
+                         sum(len(s.sample) for s in seqs)], dtype=torch.float64, device=device)
+    extremes = torch.tensor([max(lengths, default=0), float(adv.max()) if n else -1e30,
+                             -float(adv.min()) if n else -1e30], dtype=torch.float64, device=device)
+    dist.all_reduce(sums, group=dp_group)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=dp_group)
+    (n, reward, fmt, correct, length, truncated, adv_sum, adv_sq, dropped, tokens), (longest, adv_max, neg_min) = \
+        sums.tolist(), extremes.tolist()
+    n = max(n, 1)
+    update = {k: sum(r.sums[k] for r in results) for k in results[0].sums}
+    resp = max(update["response_tokens"], 1)
+    adv_mean = adv_sum / n
+    out = {"stage": stage.index, "group_size": stage.group_size, "max_response_tokens": stage.max_response_tokens,
+           "reward_mean": reward / n, "accuracy": correct / n, "format_rate": fmt / n,
+           "response_length_mean": length / n, "response_length_max": longest, "truncated_frac": truncated / n,
+           "groups_dropped": int(dropped), "adv_mean": adv_mean, "adv_std": max(adv_sq / n - adv_mean ** 2, 0.0) ** 0.5,
+           "adv_max": adv_max, "adv_min": -neg_min,
+           "loss": float(np.mean([r.loss for r in results])), "grad_norm": results[-1].grad_norm,
+           "lr": results[-1].lr, "kl": update["kl"] / resp, "clip_frac": update["clipped"] / resp,
+           "entropy": update["entropy"] / resp, "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
+           "time_step": elapsed}
+    out.update({f"time_{k}": v for k, v in times.items()})
+    if "rollout" in times and times["rollout"] > 0:
+        out["rollout_tokens_per_s"] = length / times["rollout"]
+    return out

@@ -1,0 +1,189 @@
+"""Answer extraction and scoring in the three benchmarks' styles (hand-written responses)."""
+
+import pytest
+
+from megatron_vr1.eval import benchmark_of, extract_answer, is_correct
+
+# ---- extraction: (response, expected extraction)
+EXTRACTION = [
+    ("<think> 3+4 </think><answer> Final Answer: 7 </answer>", "7"),
+    ("<think>x</think> <answer>Final Answer:(B)</answer>", "(B)"),
+    ("<think>x</think><answer> final answer: \\frac{1}{2} </answer>", "\\frac{1}{2}"),
+    ("<answer> 12.5 </answer>", "12.5"),
+    ("<think>a</think><answer> 1 </answer> then <answer> 2 </answer>", "2"),
+    ("The area is \\boxed{24}.", "24"),
+    ("first \\boxed{1} then \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+    ("nested \\boxed{\\sqrt{\\frac{1}{2}}}", "\\sqrt{\\frac{1}{2}}"),
+    ("<think> no answer at all", None),
+    ("just text, 42", None),
+    ("", None),
+    ("<answer> Final Answer: 5 ", None),  # never closed: no answer tag, no box
+    ("unclosed \\boxed{5", None),
+    ("<think>t</think><answer>\n  Final Answer:  30^\\circ \n</answer>", "30^\\circ"),
+    ("<think>t</think><answer>Final Answer: C) 45</answer>", "C) 45"),
+    ("<think>t</think><answer>Final Answer：8</answer>", "8"),  # full-width colon
+]
+
+
+@pytest.mark.parametrize("response,expected", EXTRACTION)
+def test_extract_answer(response, expected):
+    assert extract_answer(response) == expected
+
+
+def mathvista_mc(answer, choices, pid="1"):
+    return {"pid": pid, "question_type": "multi_choice", "answer_type": "text", "choices": choices,
+            "precision": None, "answer": answer, "metadata": {"task": "geometry problem solving",
+                                                                "skills": ["geometry reasoning"]}}
+
+
+def mathvista_free(answer, answer_type, precision=None):
+    return {"pid": "2", "question_type": "free_form", "answer_type": answer_type, "choices": None,
+            "precision": precision, "answer": answer, "metadata": {"task": "math word problem", "skills": []}}
+
+
+ANGLES = ["30°", "45°", "60°", "90°"]
+MATHVISTA = [
+    # multiple choice: letter, "(C) text", text, near text, lower-case letter (official: by edit distance)
+    ("C", mathvista_mc("60°", ANGLES), True),
+    ("(C)", mathvista_mc("60°", ANGLES), True),
+    ("(C) 60°", mathvista_mc("60°", ANGLES), True),
+    ("(c) 60°", mathvista_mc("60°", ANGLES), True),
+    ("60°", mathvista_mc("60°", ANGLES), True),
+    ("60", mathvista_mc("60°", ANGLES), True),
+    ("B", mathvista_mc("60°", ANGLES), False),
+    ("(A) 30°", mathvista_mc("60°", ANGLES), False),
+    ("45°", mathvista_mc("60°", ANGLES), False),
+    ("E", mathvista_mc("60°", ANGLES), False),
+    ("Yes", mathvista_mc("Yes", ["Yes", "No"]), True),
+    ("no", mathvista_mc("Yes", ["Yes", "No"]), False),
+    ("A", mathvista_mc("Yes", ["Yes", "No"]), True),
+    ("the larger one", mathvista_mc("larger", ["larger", "smaller"]), True),
+    # integers written as floats, with units or words around them
+    ("5", mathvista_free("5", "integer"), True),
+    ("5.0", mathvista_free("5", "integer"), True),
+    ("5.00", mathvista_free("5", "integer"), True),
+    ("5.9", mathvista_free("5", "integer"), True),  # official: int(float(x)) truncates
+    ("6", mathvista_free("5", "integer"), False),
+    ("-3.0", mathvista_free("-3", "integer"), True),
+    ("5 cm", mathvista_free("5", "integer"), False),  # official: not a number, no credit
+    ("five", mathvista_free("5", "integer"), False),
+    ("1e3", mathvista_free("1000", "integer"), True),
+    # floats at several precisions
+    ("1.45", mathvista_free("1.45", "float", 2), True),
+    ("1.449", mathvista_free("1.45", "float", 2), True),
+    ("1.4", mathvista_free("1.45", "float", 2), False),
+    ("1.2", mathvista_free("1.2", "float", 1), True),
+    ("1.24", mathvista_free("1.2", "float", 1), True),
+    ("1.26", mathvista_free("1.2", "float", 1), False),
+    ("0.333", mathvista_free("0.33", "float", 2), True),
+    ("3.14159", mathvista_free("3.142", "float", 3), True),
+    ("3.1", mathvista_free("3.142", "float", 3), False),
+    ("\\frac{1}{3}", mathvista_free("0.33", "float", 2), False),  # official: float() fails
+    # text and list answers: string equality
+    ("[1, 2, 3]", mathvista_free("[1, 2, 3]", "list"), True),
+    ("[1,2,3]", mathvista_free("[1, 2, 3]", "list"), False),
+    ("Paris", mathvista_free("Paris", "text"), True),
+]
+
+
+@pytest.mark.parametrize("prediction,record,expected", MATHVISTA)
+def test_mathvista_official_rules(prediction, record, expected):
+    assert benchmark_of(record) == "mathvista"
+    assert is_correct(prediction, record) is expected
+
+
+def mathverse(answer, question_type, question="", version="Vision Only"):
+    return {"sample_index": "1", "problem_index": "1", "problem_version": version, "question": question,
+            "answer": answer, "question_type": question_type,
+            "metadata": {"subject": "plane geometry", "subfield": "angle"}}
+
+
+CHOICES_Q = "As shown in the figure, find the angle ABC.\nChoices:\nA:30°\nB:45°\nC:60°\nD:90°"
+MATHVERSE = [
+    ("B", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("(B)", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("b", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("B: 45°", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("(B) 45°", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("B. 45", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("45°", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("45^\\circ", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("C", mathverse("B", "multi-choice", CHOICES_Q), False),
+    ("(C) 60°", mathverse("B", "multi-choice", CHOICES_Q), False),
+    ("60°", mathverse("B", "multi-choice", CHOICES_Q), False),
+    ("Option B", mathverse("B", "multi-choice", CHOICES_Q), True),
+    ("B", mathverse("(B)", "multi-choice", CHOICES_Q), True),
+    ("", mathverse("B", "multi-choice", CHOICES_Q), False),
+    ("12", mathverse("12", "free-form"), True),
+    ("12.0", mathverse("12", "free-form"), True),
+    ("x = 12", mathverse("12", "free-form"), True),
+    ("\\frac{3}{4}", mathverse("0.75", "free-form"), True),
+    ("3/4", mathverse("\\frac{3}{4}", "free-form"), True),
+    ("2\\sqrt{3}", mathverse("\\sqrt{12}", "free-form"), True),
+    ("13", mathverse("12", "free-form"), False),
+    ("120^\\circ", mathverse("120", "free-form"), True),
+    ("\\frac{\\pi}{3}", mathverse("\\frac{\\pi}{3}", "free-form"), True),
+    ("\\frac{\\pi}{4}", mathverse("\\frac{\\pi}{3}", "free-form"), False),
+]
+
+
+@pytest.mark.parametrize("prediction,record,expected", MATHVERSE)
+def test_mathverse(prediction, record, expected):
+    assert benchmark_of(record) == "mathverse"
+    assert is_correct(prediction, record) is expected
+
+
+def mm_math(answer):
+    return {"question": "...", "answer": answer, "difficulty": "middle", "year": 2021}
+
+
+MM_MATH = [
+    ("6", mm_math("6"), True),
+    ("6.0", mm_math("6"), True),
+    ("\\frac{12}{2}", mm_math("6"), True),
+    ("7", mm_math("6"), False),
+    ("\\dfrac{1}{2}", mm_math("\\frac{1}{2}"), True),
+    ("0.5", mm_math("\\frac{1}{2}"), True),
+    ("2^{3}", mm_math("8"), True),
+    ("3\\sqrt{2}", mm_math("\\sqrt{18}"), True),
+    ("\\sqrt{17}", mm_math("\\sqrt{18}"), False),
+    ("x=4", mm_math("4"), True),
+    ("y = -2", mm_math("-2"), True),
+    ("2", mm_math("-2"), False),
+    ("36^{\\circ}", mm_math("36°"), True),
+    ("9^{9^{9^{9}}}", mm_math("9"), False),
+    ("1" * 5000, mm_math("1"), False),
+]
+
+
+@pytest.mark.parametrize("prediction,record,expected", MM_MATH)
+def test_mm_math(prediction, record, expected):
+    assert benchmark_of(record) == "mm-math"
+    assert is_correct(prediction, record) is expected
+
+
+@pytest.mark.parametrize("record", [mathvista_mc("60°", ANGLES), mathverse("B", "multi-choice", CHOICES_Q),
+                                    mm_math("6")])
+@pytest.mark.parametrize("prediction", [None, "", "   "])
+def test_missing_answers_are_wrong(prediction, record):
+    assert is_correct(prediction, record) is False
+
+
+def test_responses_end_to_end():
+    """Whole responses, extraction then scoring, as the runner does it."""
+    cases = [
+        ("<think> angle sum </think><answer> Final Answer: (C) 60° </answer>", mathvista_mc("60°", ANGLES), True),
+        ("<think> so </think><answer> Final Answer: 5.0 </answer>", mathvista_free("5", "integer"), True),
+        ("<think> so </think>", mathvista_free("5", "integer"), False),
+        ("The answer is \\boxed{B}", mathverse("B", "multi-choice", CHOICES_Q), True),
+        ("<think>t</think><answer>Final Answer: \\frac{1}{2}</answer>", mm_math("0.5"), True),
+        ("<think>t</think><answer></answer>", mm_math("0.5"), False),
+    ]
+    for response, record, expected in cases:
+        assert is_correct(extract_answer(response), record) is expected, response
+
+
+def test_benchmark_names():
+    assert benchmark_of({"benchmark": "MathVista", "answer": "1"}) == "mathvista"
+    assert benchmark_of({"benchmark": "MM_Math", "answer": "1"}) == "mm-math"
+    assert benchmark_of({"benchmark": "math-verse", "answer": "1"}) == "mathverse"

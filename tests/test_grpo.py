@@ -1,0 +1,152 @@
+"""GRPO pieces in one process: one update against the textbook, engine weight sync, PTST stages."""
+
+import pytest
+import torch
+
+import textbook
+from megatron_vr1.config import load_model_conf, model_from_conf
+
+
+@pytest.fixture(scope="module")
+def toy(model_parallel_1):
+    from megatron_vr1.models.qwen2_5_vl import build_model
+
+    args, layout = model_from_conf(load_model_conf("toy"))
+    torch.manual_seed(0)
+    return args, layout, build_model(args, layout, backend="local")
+
+
+def _sequences(args, tokenizer):
+    from megatron_vr1.data import build_sample, process_images
+    from megatron_vr1.rl.grpo import RolloutSequence, response_sample
+    from PIL import Image
+
+    prompt = build_sample(tokenizer, args, [{"role": "user", "content": "<image>What colour is the shape?"}],
+                          *process_images([Image.new("RGB", (56, 56), (200, 30, 30))]), system_prompt=None,
+                          add_generation_prompt=True)
+    replies = ["<think> red </think><answer> red </answer>", "<think> it is blue </think><answer> blue </answer>"]
+    return [RolloutSequence(response_sample(prompt, tokenizer(r, add_special_tokens=False)["input_ids"] + [492]), a)
+            for r, a in zip(replies, (1.3, -0.7))]
+
+
+def test_one_grpo_update_equals_the_textbook(toy, toy_tokenizer_dir):
+    """The loss and every parameter's gradient of one GRPO micro-batch (two packed sequences) equal
+    the textbook formula in float64 from the same logits, with the PPO clip, the dual clip and the
+    k3 KL term all active on some tokens."""
+    from megatron_vr1.data import load_tokenizer
+    from megatron_vr1.rl.grpo import GRPOObjective, LossSettings, micro_batches
+    from megatron_vr1.training.optimizer import OptimizerSettings, wrap_and_optimize
+    from megatron_vr1.training.step import run_micro_batches
+
+    from megatron_vr1.models.qwen2_5_vl import build_model
+
+    args, layout, model = toy
+    tok = load_tokenizer(toy_tokenizer_dir)
+    policy, reference_model = (build_model(args, layout, backend="local") for _ in range(2))
+    for copy_ in (policy, reference_model):
+        copy_.load_state_dict(model.state_dict())
+    ddp, _, _ = wrap_and_optimize(policy, OptimizerSettings(lr=0.0, warmup_ratio=0.0), 1)
+    (batch,) = micro_batches(_sequences(args, tok), args, max_tokens=512, pad_to=1, pad_id=490)
+    mask = batch.loss_mask[0]
+    labels = batch.labels[0]
+    with torch.no_grad():
+        logits = reference_model(**batch.model_inputs())[0].double()
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[:, None])[:, 0].float()
+    g = torch.Generator().manual_seed(1)
+    # old log-probs that put ratios inside and outside the clip range; a reference far enough for k3
+    old = torch.where(mask, logp + torch.randn(len(logp), generator=g) * 0.4, 0.0)
+    cu = batch.cu_seqlens.tolist()
+    for start in cu[:-1]:  # a ratio of e^3 in each sequence: the PPO clip (A > 0) and the dual clip (A < 0)
+        row = start + int(mask[start:].nonzero()[2, 0])
+        old[row] = logp[row] - 3.0
+    ref = torch.where(mask, logp + torch.randn(len(logp), generator=g) * 0.3, 0.0)
+    adv = batch.extras["advantages"][0]
+    settings = LossSettings(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0, kl_beta=0.1, entropy=False)
+    batch.extras.update(old_logprobs=old[None], ref_logprobs=ref[None])
+
+    # textbook: float64 from the reference copy's logits, token mean over the loss mask
+    params = dict(reference_model.named_parameters())
+    reference_model.zero_grad()
+    out = reference_model(**batch.model_inputs())[0]
+    loss, _, kl = textbook.grpo(out, labels.clamp(min=0), old, ref, adv, mask, temperature=1.0, clip_low=0.2,
+                                clip_high=0.28, kl_beta=0.1, clip_ratio_c=3.0)
+    expected = loss.sum() / mask.sum()
+    expected.backward()
+    ratio = torch.exp(logp.double() - old.double())
+    live = mask & (adv.double() != 0)
+    assert ((ratio > 1.28) & (adv > 0) & live).any() or ((ratio < 0.8) & (adv < 0) & live).any()  # PPO clip acts
+    assert ((ratio < 1.28) & (ratio > 0.8) & live).any()  # and some tokens are inside it
+    assert ((ratio > 3.0) & (adv < 0) & live).any()  # the dual clip acts
+    assert (kl[mask] > 1e-3).float().mean() > 0.5  # the KL term acts on most tokens
+
+    totals = run_micro_batches(ddp, [batch], GRPOObjective(settings, temperature=1.0, max_response_tokens=32))
+    assert totals[0].item() / totals[1].item() == pytest.approx(expected.item(), rel=1e-5)
+    worst = 0.0
+    for name, p in policy.named_parameters():
+        want = params[name].grad
+        assert want is not None, name
+        worst = max(worst, ((p.main_grad - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
+    assert worst < 1e-4, worst
+
+
+def test_engine_log_probs_equal_the_policy_after_a_sync(toy, toy_tokenizer_dir):
+    """After weight sync through the one name mapping, the hf engine scores a rollout like the
+    Megatron policy's own forward (fp32, 1e-4)."""
+    from megatron_vr1.checkpoint import iter_hf_weights
+    from megatron_vr1.data import load_tokenizer
+    from megatron_vr1.rl.grpo import CaptureLogprobs, micro_batches
+    from megatron_vr1.rl.rollout import SamplingParams, make_engine
+    from megatron_vr1.training.step import run_micro_batches
+
+    args, layout, model = toy
+    tok = load_tokenizer(toy_tokenizer_dir)
+    engine = make_engine("hf", args, tok)
+    engine.load_weights(iter_hf_weights(model))
+    seqs = _sequences(args, tok)
+    (batch,) = micro_batches(seqs, args, max_tokens=512, pad_to=1, pad_id=490)
+    run_micro_batches(model, [batch], CaptureLogprobs("logp", 1.0), forward_only=True)
+    ours = batch.extras["logp"][0]
+    cu = batch.cu_seqlens.tolist()
+    for i, seq in enumerate(seqs):
+        ids = seq.sample.input_ids[None]
+        rows = slice(cu[i], cu[i + 1])
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids, pixel_values=seq.sample.pixel_values,
+                                  image_grid_thw=seq.sample.image_grid_thw,
+                                  mm_token_type_ids=(ids == args.image_token_id).int()).logits[0]
+        theirs = torch.log_softmax(logits.float(), -1).gather(-1, batch.labels[0, rows].clamp(min=0)[:, None])[:, 0]
+        keep = batch.loss_mask[0, rows]
+        torch.testing.assert_close(theirs[keep], ours[rows][keep], rtol=1e-4, atol=1e-4)
+    # and it generates reproducibly from the seed
+    params = SamplingParams(n=3, max_new_tokens=8, seed=3)
+    prompt = _sequences(args, tok)[0].sample
+    first = engine.generate([prompt], params)
+    assert [c.token_ids for c in first[0]] == [c.token_ids for c in engine.generate([prompt], params)[0]]
+    assert all(c.finish_reason in ("stop", "length") and len(c.token_ids) <= 8 for c in first[0])
+
+
+def test_stages_name_their_steps_and_refuse_bad_entries():
+    from megatron_vr1.errors import UsageError
+    from megatron_vr1.rl.ptst import parse_stages, stage_at
+
+    stages = parse_stages([{"max_response_tokens": 4096, "group_size": 16, "steps": 100},
+                           {"max_response_tokens": 8192, "group_size": 8, "steps": 100, "prompts_per_step": 64}])
+    assert [stage_at(stages, s).index for s in (1, 100, 101, 200)] == [1, 1, 2, 2]
+    assert stage_at(stages, 101).group_size == 8 and stage_at(stages, 101).prompts_per_step == 64
+    with pytest.raises(UsageError, match="needs group_size"):
+        parse_stages([{"max_response_tokens": 10, "steps": 1}])
+    with pytest.raises(UsageError, match="unknown keys"):
+        parse_stages([{"max_response_tokens": 10, "steps": 1, "group_size": 2, "temperature": 1}])
+    with pytest.raises(ValueError, match="past the last stage"):
+        stage_at(stages, 201)
+
+
+def test_engine_log_probs_equal_the_policy_at_tp2(tmp_path, toy_tokenizer_dir):
+    import json
+
+    from conftest import run_torchrun
+
+    run_torchrun("dist/engine_worker.py", 2, str(toy_tokenizer_dir), str(tmp_path / "result.json"), "2")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["tp"] == 2 and result["tokens"] > 10
+    assert result["max_diff"] <= 1e-4, result

@@ -1,0 +1,158 @@
+"""GRPO with PTST (python -m megatron_vr1.rl) on CPU: learning, stage switch, layout equivalence,
+resume after SIGKILL, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+RTOL = 1e-5
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
+def _command(module: str, nproc: int, overrides: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", module, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
+            *overrides]
+
+
+def launch(module: str, run_dir: Path, nproc: int, *overrides: str, check: bool = True):
+    proc = subprocess.run(_command(module, nproc, [f"checkpoint.dir={run_dir}", *overrides]), env=_env(),
+                          cwd=run_dir.parent, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        pytest.fail(f"{module} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, len(lines) + 1))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def colour_task(tmp_path_factory, toy_tokenizer_dir):
+    """The demo generator's colour task, and a short cold-start SFT on it (the toy model learns the
+    format and a little of the task: its sampled reward starts well below 0.8)."""
+    from megatron_vr1.data.demo import generate
+
+    root = tmp_path_factory.mktemp("colour")
+    generate(root / "data", n_sft=48, n_rl=64, n_eval=0, seed=1, kinds=("colour",))
+    launch("megatron_vr1.sft", root / "sft", 1, f"data.train={root / 'data' / 'sft.json'}",
+           f"tokenizer={toy_tokenizer_dir}", "data.system_prompt=null", "train.steps=100",
+           "train.global_batch_size=8", "train.micro_batch_tokens=1024", "data.max_tokens=1024", "train.lr=5e-3",
+           "train.lr_schedule=constant", "train.adam_beta2=0.95", "data.num_workers=0", "checkpoint.every=100",
+           "metrics.tensorboard=false")
+    return root, root / "sft" / "iter_0000100"
+
+
+def rl_args(root: Path, init: Path, tokenizer: Path, stages: str, *extra: str) -> list[str]:
+    return [f"data.train={root / 'data' / 'rl.jsonl'}", f"tokenizer={tokenizer}", f"init_from={init}",
+            f"rl.stages={stages}", "rl.rollout.prompts_per_step=16", "rl.mini_batches=1",
+            "rl.micro_batch_tokens=512", "data.max_prompt_tokens=128", "train.lr=3e-4", "data.num_workers=0",
+            "rl.reward.workers=1", "metrics.tensorboard=false", *extra]
+
+
+SHORT = "[{max_response_tokens: 32, group_size: 4, steps: 2}, {max_response_tokens: 48, group_size: 2, steps: 2}]"
+
+
+def test_grpo_raises_the_reward_and_switches_stage(tmp_path, colour_task, toy_tokenizer_dir):
+    """From a cold start whose sampled reward is well under 0.8, GRPO lifts the mean reward to at
+    least 0.8, and the PTST stage switches at its step to the new length and group size."""
+    root, init = colour_task
+    stages = "[{max_response_tokens: 32, group_size: 8, steps: 8}, {max_response_tokens: 48, group_size: 4, steps: 6}]"
+    run_dir = tmp_path / "rl"
+    launch("megatron_vr1.rl", run_dir, 1, *rl_args(root, init, toy_tokenizer_dir, stages, "checkpoint.every=100"))
+    m = metrics(run_dir)
+    rewards = [x["reward_mean"] for x in m]
+    assert rewards[0] < 0.7, rewards
+    assert max(sum(rewards[i:i + 3]) / 3 for i in range(len(rewards) - 2)) >= 0.8, rewards
+    assert [x["stage"] for x in m] == [1] * 8 + [2] * 6
+    assert {(x["group_size"], x["max_response_tokens"]) for x in m[:8]} == {(8, 32)}
+    assert {(x["group_size"], x["max_response_tokens"]) for x in m[8:]} == {(4, 48)}
+    assert all(x["response_length_max"] <= x["max_response_tokens"] for x in m)
+    for key in ("accuracy", "format_rate", "response_length_mean", "truncated_frac", "clip_frac", "kl", "entropy",
+                "grad_norm", "adv_mean", "adv_std", "tokens_per_s", "time_rollout", "time_reward",
+                "time_old_logprobs", "time_ref_logprobs", "time_update", "time_sync"):
+        assert all(key in x for x in m), key
+    assert not (run_dir / "reference").exists()  # init_from is the reference; nothing to keep beside
+
+
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["model.parallel.tensor_parallel=2", "model.parallel.sequence_parallel=true"]),
+           "pp2": (2, ["model.parallel.pipeline_parallel=2"])}
+
+
+@pytest.fixture(scope="session")
+def rl_references(tmp_path_factory, colour_task, toy_tokenizer_dir):
+    root, init = colour_task
+    out = tmp_path_factory.mktemp("rl_layouts")
+    for name, (nproc, extra) in LAYOUTS.items():
+        launch("megatron_vr1.rl", out / name, nproc,
+               *rl_args(root, init, toy_tokenizer_dir, SHORT, "checkpoint.every=2", *extra))
+    return {name: out / name for name in LAYOUTS}
+
+
+
+
+def test_tp2_and_pp2_give_the_single_process_losses_and_rewards(rl_references):
+    base = metrics(rl_references["tp1"])
+    assert [x["stage"] for x in base] == [1, 1, 2, 2]
+    for name in ("tp2", "pp2"):
+        got = metrics(rl_references[name])
+        assert [x["reward_mean"] for x in got] == [x["reward_mean"] for x in base], name
+        assert [x["loss"] for x in got] == pytest.approx([x["loss"] for x in base], rel=RTOL, abs=1e-7), name
+        assert [x["response_length_mean"] for x in got] == [x["response_length_mean"] for x in base], name
+
+
+def test_resume_after_sigkill_mid_stage(tmp_path, rl_references, colour_task, toy_tokenizer_dir):
+    """Killed during step 2 (mid stage 1) once step 1's checkpoint is in, then resumed: the same
+    metrics afterwards as the uninterrupted run."""
+    root, init = colour_task
+    run_dir = tmp_path / "run"
+    args = rl_args(root, init, toy_tokenizer_dir, SHORT, "checkpoint.every=1")
+    proc = subprocess.Popen(_command("megatron_vr1.rl", 1, [f"checkpoint.dir={run_dir}", *args]), env=_env(),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "iter_0000001" / "megatron_vr1.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "iter_0000002").exists()
+    launch("megatron_vr1.rl", run_dir, 1, *args)
+    keys = ("stage", "reward_mean", "loss", "response_length_mean", "kl", "entropy", "grad_norm")
+    want = [{k: x[k] for k in keys} for x in metrics(rl_references["tp1"])]
+    got = [{k: x[k] for k in keys} for x in metrics(run_dir)]
+    assert [g["stage"] for g in got] == [1, 1, 2, 2]
+    for a, b in zip(got, want):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-9), (k, got, want)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rl.micro_batch_tokens=64"], "must hold a prompt and a full response"),
+    (["rl.engine=sglang"], "rl.engine must be hf or vllm"),
+    (["rl.stages=[{max_response_tokens: 8, steps: 1}]"], r"rl.stages\[0\] needs group_size"),
+], ids=["micro-batch-too-small", "unknown-engine", "stage-missing-key"])
+def test_bad_rl_input_is_one_clear_line(tmp_path, colour_task, toy_tokenizer_dir, overrides, message):
+    import re
+
+    root, init = colour_task
+    args = [a for a in rl_args(root, init, toy_tokenizer_dir, SHORT, "checkpoint.every=100")
+            if not any(a.split("=")[0] == o.split("=")[0] for o in overrides)]
+    proc = launch("megatron_vr1.rl", tmp_path / "run", 1, *args, *overrides, check=False)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
