@@ -32,7 +32,7 @@ def benchmark_of(record: dict) -> str:
         return {"mmmath": "mm-math"}.get(name, name)
     if "problem_version" in record:
         return "mathverse"
-    if "pid" in record and record.get("question_type") in ("multi_choice", "free_form"):
+    if record.get("question_type") in ("multi_choice", "free_form"):  # MathVista's spelling
         return "mathvista"
     return "mm-math"
 

@@ -1,0 +1,28 @@
+"""``python -m megatron_vr1.eval checkpoint=... data=... out=...`` (Hydra: ``conf/eval.yaml``)."""
+
+from ..training import quiet  # noqa: F401  (first: before megatron-core is imported)
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import CONF_DIR
+from ..training.setup import main_guard
+
+
+def run(cfg: DictConfig) -> None:
+    from .runner import evaluate
+
+    options = OmegaConf.to_container(cfg, resolve=True)
+    summary = evaluate(**options)
+    for bench, entry in summary["benchmarks"].items():
+        print(f"eval: {bench}: {entry['overall']['accuracy']:.1f}% of {entry['overall']['n']} "
+              f"({entry['overall_with_retries']['accuracy']:.1f}% with retries); {cfg.out}/summary.md", flush=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    main_guard(run, cfg, "eval")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Generate answers for a benchmark file with a rollout engine, score them, write the results.
+
+``<out>/samples.jsonl`` gets one line per record (index, id, benchmark, response, extraction,
+correct, and the record's category fields), appended a batch at a time and flushed; a run that
+starts again keeps every complete line and generates only the records without one.
+``<out>/summary.json`` and ``summary.md`` hold accuracy overall and by the benchmark's own
+categories, with and without retries, beside the published rows where the benchmark matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import platform
+from ..data import ImageConfig, load_tokenizer
+from ..data.formats import EvalDataset, _record
+from ..errors import UsageError
+from ..models.qwen2_5_vl import Qwen25VLArgs
+from .report import summarise, write_summary
+from .scoring import benchmark_of, categories_of, extract_answer, is_correct
+
+SAMPLES = "samples.jsonl"
+
+
+def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype):
+    """``(engine, args, tokenizer_dir)`` for a Hugging Face folder or a Megatron checkpoint
+    (its weights reach the engine through the one name mapping either way)."""
+    from ..checkpoint.convert import HF_ASSETS, single_process
+    from ..checkpoint.hf_files import HFCheckpointReader
+    from ..checkpoint.megatron_files import METADATA_FILE, read_metadata
+    from ..rl.rollout import make_engine
+
+    path = Path(checkpoint)
+    if (path / METADATA_FILE).is_file():
+        meta = read_metadata(path)
+        args = Qwen25VLArgs.from_hf_config(meta["hf_config"])
+        assets = path / HF_ASSETS
+        tokenizer = load_tokenizer(assets)
+        eng = make_engine(engine, args, tokenizer, dtype=dtype)
+        _load_megatron(eng, args, path, meta, single_process)
+        return eng, args, assets
+    if (path / "config.json").is_file():
+        args = Qwen25VLArgs.from_hf_config(json.loads((path / "config.json").read_text()))
+        tokenizer = load_tokenizer(path)
+        eng = make_engine(engine, args, tokenizer, dtype=dtype)
+        reader = HFCheckpointReader(path)
+        names = [n for n in reader.names() if not (args.tie_word_embeddings and n == "lm_head.weight")]
+        eng.load_weights([(n, reader.get(n))] for n in names)  # one tensor in memory at a time
+        return eng, args, path
+    raise UsageError(f"checkpoint={checkpoint}: neither a Hugging Face folder (config.json) nor a megatron-vr1 "
+                     f"checkpoint ({METADATA_FILE})")
+
+
+def _load_megatron(eng, args, path: Path, meta: dict, single_process) -> None:
+    from ..checkpoint import iter_hf_weights, load_model
+    from ..models.qwen2_5_vl import ParallelLayout, build_model
+
+    saved = meta.get("parallel") or {}
+    # pad the vocabulary as the checkpoint's layout did, so that it loads at TP=1
+    divisible = int(saved.get("make_vocab_size_divisible_by") or 1) * int(saved.get("tensor_parallel") or 1)
+    with single_process():
+        model = build_model(args, ParallelLayout(make_vocab_size_divisible_by=divisible), backend="local",
+                            dtype=torch.float32)
+        if platform.has_cuda():
+            model = model.cuda()
+        load_model(model, path)
+        eng.load_weights(iter_hf_weights(model))
+        del model
+
+
+def image_config_of(assets: Path) -> ImageConfig:
+    saved = {}
+    if (assets / "preprocessor_config.json").is_file():
+        saved = json.loads((assets / "preprocessor_config.json").read_text())
+    defaults = ImageConfig()
+    return ImageConfig(min_pixels=int(saved.get("min_pixels") or defaults.min_pixels),
+                       max_pixels=int(saved.get("max_pixels") or defaults.max_pixels))
+
+
+def done_lines(path: Path) -> dict[int, dict]:
+    """Complete lines of an earlier run, by record index; a torn last line is cut off."""
+    if not path.exists():
+        return {}
+    done, keep = {}, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                break
+            done[int(row["index"])] = row
+            keep += len(raw)
+    if keep != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return done
+
+
+def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_root: Optional[str] = None,
+             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 16000, retries: int = 0,
+             batch_size: int = 8, limit: Optional[int] = None, seed: int = 0, max_prompt_tokens: int = 16384,
+             benchmark: Optional[str] = None, progress: Optional[bool] = None) -> dict:
+    """Evaluate ``checkpoint`` on the benchmark records in ``data``; returns the summary."""
+    from tqdm import tqdm
+
+    from ..rl.rollout import SamplingParams
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("evaluation runs in one process for now: start it with python, not torchrun")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if platform.has_cuda() else torch.float32
+    eng, args, assets = load_model_for_eval(checkpoint, engine, dtype)
+    dataset = EvalDataset(data, eng.tokenizer, args, image_root=image_root, max_tokens=max_prompt_tokens,
+                          image_cfg=image_config_of(assets))
+    total = len(dataset) if limit is None else min(int(limit), len(dataset))
+    samples_path = out_dir / SAMPLES
+    done = done_lines(samples_path)
+    todo = [i for i in range(total) if i not in done]
+    if not todo:
+        print(f"eval: all {total} records already scored in {samples_path}", flush=True)
+    bar = tqdm(total=total, initial=total - len(todo), desc="eval", unit="sample",
+               disable=not (progress if progress is not None else os.isatty(2)))
+    with open(samples_path, "a") as sink:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            prompts = [dataset[i] for i in chunk]
+            records = [_record(dataset.records[i]) for i in chunk]
+            if benchmark:
+                records = [dict(r, benchmark=benchmark) for r in records]
+            params = SamplingParams(n=1, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                    top_p=float(top_p), seed=int(seed) + chunk[0])
+            responses = [c[0].text for c in eng.generate([p.sample for p in prompts], params)]
+            first = list(responses)
+            attempts = [1] * len(chunk)
+            for attempt in range(1, int(retries) + 1):  # a response without </answer> is asked again
+                again = [k for k, r in enumerate(responses) if "</answer>" not in r]
+                if not again:
+                    break
+                retry = SamplingParams(**{**params.__dict__, "seed": params.seed + 7919 * attempt})
+                for k, c in zip(again, eng.generate([prompts[k].sample for k in again], retry)):
+                    responses[k], attempts[k] = c[0].text, attempts[k] + 1
+            lines = []
+            for k, i in enumerate(chunk):
+                record, extraction = records[k], extract_answer(responses[k])
+                first_extraction = extract_answer(first[k])
+                lines.append(json.dumps({
+                    "index": i, "id": prompts[k].id, "benchmark": benchmark_of(record), "answer": prompts[k].answer,
+                    "response": responses[k], "extraction": extraction, "correct": is_correct(extraction, record),
+                    "attempts": attempts[k], "correct_first_attempt": is_correct(first_extraction, record),
+                    **categories_of(record)}) + "\n")
+            sink.write("".join(lines))  # one write per batch: a kill leaves at most a torn last line
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(chunk))
+    bar.close()
+    rows = sorted(done_lines(samples_path).values(), key=lambda r: r["index"])
+    summary = summarise(rows, settings={"checkpoint": str(checkpoint), "data": str(data), "engine": engine,
+                                        "temperature": temperature, "top_p": top_p,
+                                        "max_new_tokens": max_new_tokens, "retries": retries, "seed": seed})
+    write_summary(summary, out_dir)
+    return summary
