@@ -29,7 +29,7 @@ from .training import flops
 from .training.metrics import MetricsLog
 from .training.optimizer import OptimizerSettings, wrap_and_optimize
 from .training.profile import StepProfiler
-from .training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, main_guard,
+from .training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, main_guard, save_due,
                              start_parallel)
 from .training.step import CrossEntropy, train_step
 from .training.stopping import StopRequest
@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> None:
                 values["mfu"] = float(counts[1]) / elapsed / (peak * torch.distributed.get_world_size())
             metrics.log(step, values)
             stopping = stop.agreed()
-            if stopping or step % int(cfg.checkpoint.every) == 0 or (step == total_steps and cfg.checkpoint.at_end):
+            if save_due(cfg, step, total_steps, stopping):
                 ckpts.save(step, model, optimizer, scheduler, {"data": loader.state_dict()})
             if stopping:
                 if par.is_writer:

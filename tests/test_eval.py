@@ -274,3 +274,15 @@ def test_killed_evaluation_resumes_without_repeats_or_losses(toy_checkpoints, tm
     whole = {r["index"]: r for r in _rows(tmp_path / "whole")}
     for r in rows:
         assert (r["response"], r["correct"]) == (whole[r["index"]]["response"], whole[r["index"]]["correct"])
+
+
+def test_a_folder_that_is_no_checkpoint_is_one_clear_error(tmp_path, toy_checkpoints):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "megatron_vr1.eval", f"checkpoint={tmp_path / 'empty'}",
+                           f"data={toy_checkpoints / 'data' / 'eval.jsonl'}", f"out={tmp_path / 'out'}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "neither a Hugging Face folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -28,7 +28,8 @@ from ..kernels import group_advantages
 from ..models.qwen2_5_vl import build_model
 from ..training.metrics import MetricsLog
 from ..training.optimizer import OptimizerSettings, wrap_and_optimize
-from ..training.setup import build_policy, checkpoints, image_config, load_tokenizer_for, start_parallel
+from ..training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, save_due,
+                              start_parallel)
 from ..training.step import run_micro_batches, train_step
 from ..training.stopping import StopRequest
 from .grpo import CaptureLogprobs, GRPOObjective, LossSettings, RolloutSequence, micro_batches, mini_batches, \
@@ -222,7 +223,7 @@ def run(cfg: DictConfig) -> None:
             metrics.log(step, _step_metrics(batch, adv, keep, seqs, results, stage, times, elapsed, dp_group, device))
 
             stopping = stop.agreed()
-            if stopping or step % int(cfg.checkpoint.every) == 0 or (step == total_steps and cfg.checkpoint.at_end):
+            if save_due(cfg, step, total_steps, stopping):
                 ckpts.save(step, model, optimizer, scheduler, {"data": loader.state_dict(), "stage": stage.index})
             if stopping:
                 if par.is_writer:

@@ -140,6 +140,12 @@ def checkpoints(cfg: DictConfig, images: ImageConfig, tokenizer: Path) -> Traini
     return TrainingCheckpoints(cfg.checkpoint.dir, keep_last=int(cfg.checkpoint.keep_last), hf_assets=assets)
 
 
+def save_due(cfg: DictConfig, step: int, total_steps: int, stopping: bool) -> bool:
+    """Whether a trainer saves after ``step``: on a stop request, every ``checkpoint.every``
+    steps, and after the last step unless ``checkpoint.at_end`` is off."""
+    return stopping or step % int(cfg.checkpoint.every) == 0 or (step == total_steps and bool(cfg.checkpoint.at_end))
+
+
 def load_tokenizer_for(cfg: DictConfig):
     path = tokenizer_dir(cfg)
     return path, load_tokenizer(path)
