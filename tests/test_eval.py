@@ -286,3 +286,106 @@ def test_a_folder_that_is_no_checkpoint_is_one_clear_error(tmp_path, toy_checkpo
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "neither a Hugging Face folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_torchrun_splits_the_records_and_folds_in_a_killed_runs_rank_files(toy_checkpoints, tmp_path):
+    """Two processes under torchrun give the single process's greedy results, each record once;
+    the rank file a killed two-rank run left (complete lines and a torn one) is kept, not
+    generated again, and folded into samples.jsonl."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = toy_checkpoints
+    data = root / "data" / "eval.jsonl"
+    _eval(tmp_path / "one", root / "mcore", data, batch_size=4)
+    one = {r["index"]: r for r in _rows(tmp_path / "one")}
+    out = tmp_path / "two"
+    out.mkdir()
+    left = dict(one[3], response="<answer> left by rank 1 </answer>")
+    (out / "samples.rank1.jsonl").write_text(json.dumps(one[1]) + "\n" + json.dumps(left) + "\n" + '{"index": 5, "re')
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                           "megatron_vr1.eval", f"checkpoint={root / 'mcore'}", f"data={data}", f"out={out}",
+                           "temperature=0", "max_new_tokens=12", "batch_size=4", "progress=false"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _rows(out)
+    assert sorted(r["index"] for r in rows) == list(range(12))
+    assert not list(out.glob("samples.rank*"))
+    got = {r["index"]: r for r in rows}
+    assert got[3]["response"] == left["response"]  # kept from the killed run, not generated again
+    for i in set(range(12)) - {3}:
+        assert (got[i]["response"], got[i]["correct"]) == (one[i]["response"], one[i]["correct"]), i
+    assert proc.stdout.count("eval: mathvista") == 1  # rank 0 reports
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["world_size"] == 2 and summary["benchmarks"]["mathvista"]["overall"]["n"] == 12
+
+
+# ---- the optional LLM answer-extractor, against a real OpenAI-compatible server on loopback
+
+def _last_response(body: dict) -> str:
+    return body["messages"][-1]["content"].rsplit("Response: ", 1)[1].rsplit("\nAnswer:", 1)[0]
+
+
+def test_llm_extractor_reads_answers_and_retries_through_429_and_500():
+    from megatron_vr1.eval.llm_extract import ExtractorSettings, LLMExtractor
+    from scripted_server import ScriptedServer
+
+    failed = set()
+
+    def script(body):
+        response = _last_response(body)
+        for trouble, status in (("flaky", 500), ("busy", 429)):
+            if trouble in response and trouble not in failed:
+                failed.add(trouble)
+                return status, f"{trouble} once", {"Retry-After": "0"}
+        replies = {"forty-two": "42", "no idea": "None", "flaky": "Answer: 7", "busy": "B\nbecause"}
+        return 200, next(v for k, v in replies.items() if k in response), {}
+
+    with ScriptedServer(script) as server:
+        ex = LLMExtractor(ExtractorSettings(base_url=server.url, model="judge", max_retries=2, timeout=10,
+                                            concurrency=2))
+        got = ex.extract([("What is x?", "It is forty-two."), ("What is y?", "I have no idea"),
+                          ("Sum?", "flaky but seven"), ("Pick one\nA. 1\nB. 2", "busy: the second")])
+    assert got == ["42", None, "7", "B"]
+    assert len(server.requests) == 6  # four questions, one 500 and one 429 asked again
+    assert all(r["model"] == "judge" and r["temperature"] == 0.0 for r in server.requests)
+    assert any("Question: Pick one\nA. 1\nB. 2\nResponse:" in r["messages"][-1]["content"] for r in server.requests)
+
+
+def test_llm_extractor_in_an_evaluation(toy_checkpoints, tmp_path):
+    """Off by default; in fallback mode only the responses the rules cannot read go to the model,
+    and the rows say where each extraction came from. A dead endpoint is one clear error."""
+    import json
+
+    from megatron_vr1.errors import UsageError
+    from scripted_server import ScriptedServer
+
+    root = toy_checkpoints
+    data = root / "data" / "eval.jsonl"
+    with ScriptedServer(lambda body: (200, "red", {})) as server:
+        _eval(tmp_path / "llm", root / "mcore", data,
+              llm_extractor={"base_url": server.url, "model": "judge", "mode": "fallback"})
+    rows = _rows(tmp_path / "llm")
+    unread = [r for r in rows if r["extraction_source"] == "llm"]
+    assert len(server.requests) == len(unread) > 0
+    assert all(r["extraction"] == "red" for r in unread)
+    assert all(r["extraction_source"] in ("rule", "none") for r in rows if r not in unread)
+    summary = json.loads((tmp_path / "llm" / "summary.json").read_text())
+    assert summary["benchmarks"]["mathvista"]["extracted_by_llm"] == len(unread)
+    assert summary["settings"]["llm_extractor"]["model"] == "judge"
+
+    _eval(tmp_path / "plain", root / "mcore", data)  # off by default
+    assert {r["extraction_source"] for r in _rows(tmp_path / "plain")} <= {"rule", "none"}
+
+    with ScriptedServer(lambda body: (500, "down", {})) as server:
+        with pytest.raises(UsageError, match="llm_extractor at .* failed after 1 retries"):
+            _eval(tmp_path / "dead", root / "mcore", data,
+                  llm_extractor={"base_url": server.url, "model": "judge", "max_retries": 1})
+    with pytest.raises(UsageError, match=r"unknown option\(s\) \['modle'\]"):
+        _eval(tmp_path / "typo", root / "mcore", data, llm_extractor={"modle": "judge"})
+

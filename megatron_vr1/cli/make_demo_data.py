@@ -18,7 +18,11 @@ def main(cfg: DictConfig) -> None:
     builders = {"toy": build_toy_tokenizer, "qwen": build_offline_tokenizer, None: None}
     if cfg.tokenizer not in builders:
         raise SystemExit(f"make_demo_data: error: tokenizer must be toy, qwen or null, got {cfg.tokenizer!r}")
-    counts = generate(cfg.out, n_sft=cfg.n_sft, n_rl=cfg.n_rl, n_eval=cfg.n_eval, seed=cfg.seed)
+    try:
+        counts = generate(cfg.out, n_sft=cfg.n_sft, n_rl=cfg.n_rl, n_eval=cfg.n_eval, seed=cfg.seed,
+                          kinds=tuple(cfg.kinds))
+    except ValueError as e:
+        raise SystemExit(f"make_demo_data: error: kinds: {e}")
     if builders[cfg.tokenizer] is not None:
         builders[cfg.tokenizer](Path(cfg.out) / "tokenizer")
     print(f"wrote {counts} to {cfg.out}")

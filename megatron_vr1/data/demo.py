@@ -140,6 +140,14 @@ def _colour(rng: random.Random) -> Problem:
 
 
 COLOUR_TASK = ("red", "green", "blue")
+# eval records carry MathVista's category fields, so that its report breaks accuracy down by them
+MATHVISTA_CATEGORIES = {
+    "count": ("visual question answering", ["arithmetic reasoning"]),
+    "bar": ("figure question answering", ["statistical reasoning", "arithmetic reasoning"]),
+    "arithmetic": ("math word problem", ["arithmetic reasoning"]),
+    "geometry": ("geometry problem solving", ["geometry reasoning", "arithmetic reasoning"]),
+    "colour": ("visual question answering", ["visual recognition"]),
+}
 _MAKERS = {"count": _count, "bar": _bar, "arithmetic": _arithmetic, "geometry": _geometry, "colour": _colour}
 ALL_KINDS = tuple(_MAKERS)
 
@@ -199,8 +207,13 @@ def generate(out_dir: str | Path, *, n_sft: int = 64, n_rl: int = 64, n_eval: in
     with open(out / "eval.jsonl", "w") as f:
         for i in range(n_eval):
             p, rel = make("eval", i)
-            f.write(json.dumps({"id": f"eval-{i}", "question": p.question, "image": rel, "answer": p.answer,
+            task, skills = MATHVISTA_CATEGORIES[p.kind]
+            # MathVista's gold answer to a multiple-choice question is the choice's text, not its letter
+            gold = p.choices["ABCDEFGH".index(p.answer)] if p.choices else p.answer
+            numeric = not p.choices and gold.lstrip("-").isdigit()
+            f.write(json.dumps({"id": f"eval-{i}", "question": p.question, "image": rel, "answer": gold,
                                 "choices": p.choices, "question_type": "multi_choice" if p.choices else "free_form",
-                                "answer_type": "text" if p.choices else "integer", "kind": p.kind}) + "\n")
+                                "answer_type": "integer" if numeric else "text",
+                                "kind": p.kind, "metadata": {"task": task, "skills": skills}}) + "\n")
     counts.update(sft=n_sft, rl=n_rl, eval=n_eval)
     return counts

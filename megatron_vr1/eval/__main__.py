@@ -1,6 +1,9 @@
-"""``python -m megatron_vr1.eval checkpoint=... data=... out=...`` (Hydra: ``conf/eval.yaml``)."""
+"""``python -m megatron_vr1.eval checkpoint=... data=... out=...`` (Hydra: ``conf/eval.yaml``), or
+under ``torchrun --nproc-per-node N`` to split the records over N processes."""
 
 from ..training import quiet  # noqa: F401  (first: before megatron-core is imported)
+
+import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +17,8 @@ def run(cfg: DictConfig) -> None:
 
     options = OmegaConf.to_container(cfg, resolve=True)
     summary = evaluate(**options)
+    if int(os.environ.get("RANK", "0")):
+        return
     for bench, entry in summary["benchmarks"].items():
         print(f"eval: {bench}: {entry['overall']['accuracy']:.1f}% of {entry['overall']['n']} "
               f"({entry['overall_with_retries']['accuracy']:.1f}% with retries); {cfg.out}/summary.md", flush=True)

@@ -34,7 +34,8 @@ def summarise(rows: list[dict], settings: dict) -> dict:
     for bench, items in sorted(by_bench.items()):
         entry = {"overall": _accuracy(items, "correct_first_attempt"),
                  "overall_with_retries": _accuracy(items, "correct"),
-                 "no_answer": sum(r["extraction"] is None for r in items), "categories": {}}
+                 "no_answer": sum(r["extraction"] is None for r in items),
+                 "extracted_by_llm": sum(r.get("extraction_source") == "llm" for r in items), "categories": {}}
         for field in CATEGORY_FIELDS.get(bench, ()):
             groups: dict[str, list[dict]] = defaultdict(list)
             for r in items:

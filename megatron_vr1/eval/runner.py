@@ -2,7 +2,10 @@
 
 ``<out>/samples.jsonl`` gets one line per record (index, id, benchmark, response, extraction,
 correct, and the record's category fields), appended a batch at a time and flushed; a run that
-starts again keeps every complete line and generates only the records without one.
+starts again keeps every complete line and generates only the records without one. Under torchrun
+the records left to do are dealt round-robin to the ranks (each holds the whole model and writes
+``samples.rank<N>.jsonl``); rank 0 folds those files into ``samples.jsonl`` at the end, and at the
+start of a run after one that was killed.
 ``<out>/summary.json`` and ``summary.md`` hold accuracy overall and by the benchmark's own
 categories, with and without retries, beside the published rows where the benchmark matches.
 """
@@ -25,6 +28,7 @@ from .report import summarise, write_summary
 from .scoring import benchmark_of, categories_of, extract_answer, is_correct
 
 SAMPLES = "samples.jsonl"
+RANK_FILES = "samples.rank*.jsonl"
 
 
 def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype):
@@ -57,13 +61,16 @@ def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype)
 
 
 def _load_megatron(eng, args, path: Path, meta: dict, single_process) -> None:
+    from contextlib import nullcontext
+
     from ..checkpoint import iter_hf_weights, load_model
     from ..models.qwen2_5_vl import ParallelLayout, build_model
 
     saved = meta.get("parallel") or {}
     # pad the vocabulary as the checkpoint's layout did, so that it loads at TP=1
     divisible = int(saved.get("make_vocab_size_divisible_by") or 1) * int(saved.get("tensor_parallel") or 1)
-    with single_process():
+    # under torchrun the job's parallel state (TP=1, every rank a data-parallel replica) loads it
+    with nullcontext() if torch.distributed.is_initialized() else single_process():
         model = build_model(args, ParallelLayout(make_vocab_size_divisible_by=divisible), backend="local",
                             dtype=torch.float32)
         if platform.has_cuda():
@@ -80,6 +87,28 @@ def image_config_of(assets: Path) -> ImageConfig:
     defaults = ImageConfig()
     return ImageConfig(min_pixels=int(saved.get("min_pixels") or defaults.min_pixels),
                        max_pixels=int(saved.get("max_pixels") or defaults.max_pixels))
+
+
+def fold_rank_files(out_dir: Path) -> dict[int, dict]:
+    """Move the complete lines of ``samples.rank<N>.jsonl`` files into ``samples.jsonl`` (a record
+    done twice is kept once), delete those files; the records done, by index."""
+    samples = out_dir / SAMPLES
+    done = done_lines(samples)
+    parts = sorted(out_dir.glob(RANK_FILES))
+    if parts:
+        new = []
+        for part in parts:
+            for index, row in done_lines(part).items():
+                if index not in done:
+                    done[index] = row
+                    new.append(json.dumps(row) + "\n")
+        with open(samples, "a") as sink:
+            sink.write("".join(new))
+            sink.flush()
+            os.fsync(sink.fileno())
+        for part in parts:
+            part.unlink()
+    return done
 
 
 def done_lines(path: Path) -> dict[int, dict]:
@@ -106,29 +135,43 @@ def done_lines(path: Path) -> dict[int, dict]:
 def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_root: Optional[str] = None,
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 16000, retries: int = 0,
              batch_size: int = 8, limit: Optional[int] = None, seed: int = 0, max_prompt_tokens: int = 16384,
-             benchmark: Optional[str] = None, progress: Optional[bool] = None) -> dict:
-    """Evaluate ``checkpoint`` on the benchmark records in ``data``; returns the summary."""
+             benchmark: Optional[str] = None, progress: Optional[bool] = None,
+             llm_extractor: Optional[dict] = None) -> dict:
+    """Evaluate ``checkpoint`` on the benchmark records in ``data``; returns the summary.
+    ``llm_extractor`` (:class:`.llm_extract.ExtractorSettings` fields) adds the optional extraction
+    by a language model at an OpenAI-compatible endpoint."""
     from tqdm import tqdm
 
     from ..rl.rollout import SamplingParams
+    from .llm_extract import LLMExtractor, settings_from
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("evaluation runs in one process for now: start it with python, not torchrun")
+    extraction = settings_from(llm_extractor)
+    extractor = LLMExtractor(extraction) if extraction.enabled else None
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        platform.init_distributed(1, 1, seed=int(seed))  # data parallel: each rank generates for its share
+    rank = torch.distributed.get_rank() if world > 1 else 0
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        fold_rank_files(out_dir)  # what the ranks of a killed run had written
+    _barrier(world)
     dtype = torch.bfloat16 if platform.has_cuda() else torch.float32
     eng, args, assets = load_model_for_eval(checkpoint, engine, dtype)
     dataset = EvalDataset(data, eng.tokenizer, args, image_root=image_root, max_tokens=max_prompt_tokens,
                           image_cfg=image_config_of(assets))
     total = len(dataset) if limit is None else min(int(limit), len(dataset))
     samples_path = out_dir / SAMPLES
-    done = done_lines(samples_path)
+    done = done_lines(samples_path)  # clean by now: rank 0 repaired it before the barrier
     todo = [i for i in range(total) if i not in done]
-    if not todo:
+    if not todo and rank == 0:
         print(f"eval: all {total} records already scored in {samples_path}", flush=True)
     bar = tqdm(total=total, initial=total - len(todo), desc="eval", unit="sample",
-               disable=not (progress if progress is not None else os.isatty(2)))
-    with open(samples_path, "a") as sink:
+               disable=rank != 0 or not (progress if progress is not None else os.isatty(2)))
+    todo = todo[rank::world]
+    sink_path = samples_path if world == 1 else out_dir / RANK_FILES.replace("*", str(rank))
+    with open(sink_path, "a") as sink:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             prompts = [dataset[i] for i in chunk]
@@ -147,23 +190,64 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
                 retry = SamplingParams(**{**params.__dict__, "seed": params.seed + 7919 * attempt})
                 for k, c in zip(again, eng.generate([prompts[k].sample for k in again], retry)):
                     responses[k], attempts[k] = c[0].text, attempts[k] + 1
+            extractions, sources = extract_all(responses, records, extractor)
+            first_extractions = list(extractions)
+            changed = [k for k in range(len(chunk)) if first[k] != responses[k]]  # retried
+            for k, e in zip(changed, extract_all([first[k] for k in changed], [records[k] for k in changed],
+                                                 extractor)[0]):
+                first_extractions[k] = e
             lines = []
             for k, i in enumerate(chunk):
-                record, extraction = records[k], extract_answer(responses[k])
-                first_extraction = extract_answer(first[k])
+                record = records[k]
                 lines.append(json.dumps({
                     "index": i, "id": prompts[k].id, "benchmark": benchmark_of(record), "answer": prompts[k].answer,
-                    "response": responses[k], "extraction": extraction, "correct": is_correct(extraction, record),
-                    "attempts": attempts[k], "correct_first_attempt": is_correct(first_extraction, record),
+                    "response": responses[k], "extraction": extractions[k], "extraction_source": sources[k],
+                    "correct": is_correct(extractions[k], record), "attempts": attempts[k],
+                    "correct_first_attempt": is_correct(first_extractions[k], record),
                     **categories_of(record)}) + "\n")
             sink.write("".join(lines))  # one write per batch: a kill leaves at most a torn last line
             sink.flush()
             os.fsync(sink.fileno())
-            bar.update(len(chunk))
+            bar.update(len(chunk) * world)
     bar.close()
-    rows = sorted(done_lines(samples_path).values(), key=lambda r: r["index"])
-    summary = summarise(rows, settings={"checkpoint": str(checkpoint), "data": str(data), "engine": engine,
-                                        "temperature": temperature, "top_p": top_p,
-                                        "max_new_tokens": max_new_tokens, "retries": retries, "seed": seed})
-    write_summary(summary, out_dir)
+    _barrier(world)
+    summary = None
+    if rank == 0:
+        rows = sorted(fold_rank_files(out_dir).values(), key=lambda r: r["index"])
+        summary = summarise(rows, settings={"checkpoint": str(checkpoint), "data": str(data), "engine": engine,
+                                            "temperature": temperature, "top_p": top_p,
+                                            "max_new_tokens": max_new_tokens, "retries": retries, "seed": seed,
+                                            "world_size": world,
+                                            "llm_extractor": ({"base_url": extraction.base_url, "model": extraction.model,
+                                                               "mode": extraction.mode} if extractor else None)})
+        write_summary(summary, out_dir)
+    if world > 1:
+        summary = _broadcast(summary)
+        platform.shutdown_distributed()
     return summary
+
+
+def extract_all(responses: list[str], records: list[dict], extractor=None) -> tuple[list, list[str]]:
+    """Extracted answers and where each came from (``rule``, ``llm`` or ``none``): the rules of
+    :func:`extract_answer`, then the language model where it is on and wanted."""
+    from .llm_extract import question_of
+
+    found = [extract_answer(r) for r in responses]
+    sources = ["rule" if e is not None else "none" for e in found]
+    if extractor is not None:
+        ask = [k for k, e in enumerate(found) if extractor.wanted(e)]
+        for k, e in zip(ask, extractor.extract([(question_of(records[k]), responses[k]) for k in ask])):
+            found[k], sources[k] = e, "llm" if e is not None else "none"
+    return found, sources
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _broadcast(obj):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
