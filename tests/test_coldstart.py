@@ -248,3 +248,27 @@ def test_against_megatron_vr1_serve_with_the_toy_model(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_sigint_stops_cleanly_and_the_same_command_goes_on(tmp_path):
+    records = write_records(tmp_path / "in", ["right", "wrong"] * 15)
+    with ScriptedServer(make_script(delay=0.05)) as server:
+        cmd = command(records, tmp_path / "out", server.url, "max_records_in_flight=2")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        journal = tmp_path / "out" / "records.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 3):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err[-2000:]
+        assert "stopped on request" in err and "Traceback" not in err
+        report = json.loads((tmp_path / "out" / "report.json").read_text())
+        lines = journal.read_text().splitlines()
+        assert report["pending"] > 0 and report["kept"] + sum(report["dropped"].values()) == len(lines)
+        assert report["kept"] + sum(report["dropped"].values()) + report["pending"] == 30
+        again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["input"], report["kept"], report["dropped"], report["pending"]) == (30, 15, {"wrong_answer": 15}, 0)
+    assert sorted(json.loads(x)["id"] for x in journal.read_text().splitlines()) == sorted(f"r{i}" for i in range(30))
