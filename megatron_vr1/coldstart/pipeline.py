@@ -11,6 +11,7 @@ are written whole, each replacing the last.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -19,9 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from PIL import Image
+
 from ..data.formats import RecordError, _record, read_records, rl_problem
+from ..data.images import resolve_image
 from ..data.template import IMAGE_PLACEHOLDER, SampleError
 from ..errors import UsageError
+from ..files import complete_jsonl, write_whole
 from .client import Endpoint, EndpointError, image_part
 from .filters import FilterSettings, check_thinking, parse_reply
 
@@ -48,17 +53,14 @@ def load_items(path: str, image_root: Optional[str]) -> list[Item]:
             rid = str(record.get("id", index))
             question, images, answer = rl_problem(record)
             resolved = []
-            for image in images:
-                if isinstance(image, dict):
-                    image = image.get("bytes") or image.get("path")
-                if isinstance(image, (bytes, bytearray)):
-                    resolved.append(bytes(image))
+            for image in images:  # the data layer's resolution: embedded bytes, or a file under root
+                if isinstance(image, Image.Image):  # decoded by datasets (parquet): sent as PNG
+                    encoded = io.BytesIO()
+                    image.save(encoded, format="PNG")
+                    resolved.append(encoded.getvalue())
                     continue
-                p = Path(str(image))
-                p = p if p.is_absolute() else root / p
-                if not p.is_file():
-                    raise SampleError(f"image file {p} does not exist")
-                resolved.append(p.resolve())
+                _, opener = resolve_image(image, root)
+                resolved.append(opener.getvalue() if isinstance(opener, io.BytesIO) else opener.resolve())
             item = Item(index, rid, question, answer, resolved)
         except (RecordError, SampleError, ValueError) as e:
             item = Item(index, rid, "", "", [], bad=f"{type(e).__name__}: {e}")
@@ -71,32 +73,7 @@ def load_items(path: str, image_root: Optional[str]) -> list[Item]:
 
 def read_journal(path: Path) -> dict[str, dict]:
     """Finished records by id; a torn last line (a kill mid-write) is cut off."""
-    if not path.exists():
-        return {}
-    done, keep = {}, 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                break
-            done[row["id"]] = row
-            keep += len(raw)
-    if keep != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    return done
-
-
-def _write_whole(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return {row["id"]: row for row in complete_jsonl(path)}
 
 
 class Pipeline:
@@ -169,8 +146,8 @@ class Pipeline:
                   "pending": sum(i.id not in done for i in items),
                   "usage": {"mllm": self.mllm.usage.as_dict(), "reasoner": self.reasoner.usage.as_dict()},
                   "seconds_this_run": round(time.perf_counter() - started, 2)}
-        _write_whole(self.out / SFT, json.dumps(kept, indent=1, ensure_ascii=False))
-        _write_whole(self.out / REPORT, json.dumps(report, indent=1))
+        write_whole(self.out / SFT, json.dumps(kept, indent=1, ensure_ascii=False))
+        write_whole(self.out / REPORT, json.dumps(report, indent=1))
         return report
 
     async def run(self, items: list[Item], progress: bool) -> dict:
@@ -184,7 +161,7 @@ class Pipeline:
             failed = {k for k, v in done.items() if str(v.get("reason", "")).startswith("error:")}
             if failed:
                 done = {k: v for k, v in done.items() if k not in failed}
-                _write_whole(journal_path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
+                write_whole(journal_path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
         todo = [i for i in items if i.id not in done]
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="coldstart", unit="record",
                    disable=not progress)

@@ -67,7 +67,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resolve(source, root: str | Path | None):
+def resolve_image(source, root: str | Path | None):
     """(name for errors, something ``Image.open`` takes) of an image source."""
     if isinstance(source, dict):
         if source.get("bytes"):
@@ -94,7 +94,7 @@ def load_image(source, root: str | Path | None = None) -> Image.Image:
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    name, opener = _resolve(source, root)
+    name, opener = resolve_image(source, root)
     try:
         with Image.open(opener) as img:
             img.load()
@@ -108,7 +108,7 @@ def image_size(source, root: str | Path | None = None) -> tuple[int, int]:
     :func:`load_image`."""
     if isinstance(source, Image.Image):
         return source.size
-    name, opener = _resolve(source, root)
+    name, opener = resolve_image(source, root)
     try:
         with Image.open(opener) as img:
             return img.size

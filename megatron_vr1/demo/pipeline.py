@@ -20,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UsageError
+from ..files import write_whole
 
 STATE = "demo_state.json"
 # the settings that change what the steps make (progress bars and the like do not)
@@ -136,9 +137,7 @@ def load_state(where: Layout, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_state(where: Layout, state: dict[str, Any]) -> None:
-    tmp = where.out / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, where.out / STATE)
+    write_whole(where.out / STATE, json.dumps(state, indent=1))
 
 
 def child_env() -> dict[str, str]:

@@ -77,7 +77,6 @@ class LLMExtractor:
         if not settings.model:
             raise UsageError("llm_extractor.model is not set: name the model the endpoint serves")
         self.settings = settings
-        self.requests = 0
         self.client = OpenAI(base_url=settings.base_url, api_key=os.environ.get(settings.api_key_env) or "none",
                              timeout=settings.timeout, max_retries=settings.max_retries)
 
@@ -98,7 +97,6 @@ class LLMExtractor:
 
         if not items:
             return []
-        self.requests += len(items)
         try:
             with ThreadPoolExecutor(max_workers=max(1, int(self.settings.concurrency))) as pool:
                 return list(pool.map(lambda qr: self._one(*qr), items))

@@ -23,6 +23,7 @@ from .. import platform
 from ..data import ImageConfig, load_tokenizer
 from ..data.formats import EvalDataset, _record
 from ..errors import UsageError
+from ..files import complete_jsonl
 from ..models.qwen2_5_vl import Qwen25VLArgs
 from .report import summarise, write_summary
 from .scoring import benchmark_of, categories_of, extract_answer, is_correct
@@ -113,23 +114,7 @@ def fold_rank_files(out_dir: Path) -> dict[int, dict]:
 
 def done_lines(path: Path) -> dict[int, dict]:
     """Complete lines of an earlier run, by record index; a torn last line is cut off."""
-    if not path.exists():
-        return {}
-    done, keep = {}, 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                break
-            done[int(row["index"])] = row
-            keep += len(raw)
-    if keep != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    return done
+    return {int(row["index"]): row for row in complete_jsonl(path)}
 
 
 def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_root: Optional[str] = None,

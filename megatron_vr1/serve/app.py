@@ -83,7 +83,6 @@ class Server:
         self.engine, self.args, self.image_cfg = engine, args, image_cfg
         self.model_name, self.max_prompt_tokens, self.default_max_tokens = model_name, max_prompt_tokens, default_max_tokens
         self.queue: Optional[asyncio.Queue] = None
-        self.requests = 0
 
     def prompt(self, body: dict):
         messages, images = chat_messages(body.get("messages"))
@@ -124,7 +123,6 @@ class Server:
         job = Job(sample, params, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         completions = await job.future
-        self.requests += 1
         prompt_tokens = len(sample)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name,
