@@ -13,6 +13,10 @@ On a CUDA machine nothing here changes megatron-core. On a machine without CUDA,
   Torch function modes are per thread: every thread started after :func:`use_cpu_backend`
   (data loading, rollout, async saves) enters its own copy of the mode.
 
+* ``torch.cuda.Event`` (megatron-core's generation loop times each step with it) is a host
+  clock, and :func:`refit_copy_service` gives megatron-core's weight refit a gloo transport
+  without the CUDA stream its own gloo service creates.
+
 It also chooses what differs by platform without a CPU branch anywhere else: the fusions
 megatron-core may use (:func:`fusion_config`) and how inputs are validated in the hot path
 (:func:`check`: a named error on the host, an asynchronous device assertion on a GPU).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -90,6 +95,30 @@ def _bootstrap_inner_with_cpu_mode(self) -> None:
         _thread_start(self)
 
 
+class _HostEvent:
+    """``torch.cuda.Event`` on the host: records a clock reading; times in milliseconds."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+        self._t: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        if self._t is None or end._t is None:
+            raise RuntimeError("elapsed_time needs both events recorded")
+        return (end._t - self._t) * 1e3
+
+
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
     return torch.get_rng_state()
 
@@ -118,11 +147,30 @@ def use_cpu_backend() -> None:
         # saved states are CPU generator states.
         torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
         torch.cuda.manual_seed_all = lambda seed: None
+        torch.cuda.Event = _HostEvent  # megatron-core's static generation loop times its steps
         mc_random._get_cuda_rng_state = _cpu_get_rng_state
         mc_random._set_cuda_rng_state = _cpu_set_rng_state
         _cpu_mode = _CudaToCpuMode()
         _cpu_mode.__enter__()
         threading.Thread._bootstrap_inner = _bootstrap_inner_with_cpu_mode  # type: ignore[attr-defined]
+
+
+def refit_copy_service():
+    """The transport for megatron-core's weight refit (``megatron.core.resharding``): NCCL on
+    CUDA; on the CPU its gloo service, built without the CUDA stream it would otherwise create."""
+    if has_cuda():
+        return "nccl"
+    from megatron.core.resharding.copy_services.gloo_copy_service import GlooCopyService
+
+    class HostGlooCopyService(GlooCopyService):
+        def __init__(self) -> None:
+            stream, torch.cuda.Stream = torch.cuda.Stream, lambda *a, **k: None
+            try:
+                super().__init__()
+            finally:
+                torch.cuda.Stream = stream
+
+    return HostGlooCopyService()
 
 
 def init_distributed(

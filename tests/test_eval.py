@@ -240,6 +240,20 @@ def test_hf_export_evaluates_as_the_megatron_checkpoint(toy_checkpoints, tmp_pat
     assert "mathvista" in summary and "Vision-R1-7B" in summary and str(root / "hf_export") in summary
 
 
+def test_megatron_engine_evaluates_as_the_hf_engine(toy_checkpoints, tmp_path):
+    """engine=megatron (megatron-core's generation loop), from the Megatron checkpoint and from
+    the HF folder: the hf engine's greedy responses and scores, record for record."""
+    root = toy_checkpoints
+    data = root / "data" / "eval.jsonl"
+    _eval(tmp_path / "hf", root / "mcore", data)
+    want = [(r["index"], r["response"], r["correct"]) for r in _rows(tmp_path / "hf")]
+    for name, checkpoint in (("mcore", root / "mcore"), ("export", root / "hf_export")):
+        summary = _eval(tmp_path / name, checkpoint, data, engine="megatron")
+        assert [(r["index"], r["response"], r["correct"]) for r in _rows(tmp_path / name)] == want, name
+        assert summary["settings"]["engine"] == "megatron"
+    assert sum(len(r[1]) for r in want) > 50
+
+
 def test_killed_evaluation_resumes_without_repeats_or_losses(toy_checkpoints, tmp_path):
     """SIGKILL once the first batch is on disk (and a torn line after it), then the same command
     again: every record once, and the same results as an uninterrupted run (greedy)."""

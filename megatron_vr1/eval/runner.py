@@ -35,9 +35,11 @@ RANK_FILES = "samples.rank*.jsonl"
 def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype):
     """``(engine, args, tokenizer_dir)`` for a Hugging Face folder or a Megatron checkpoint
     (its weights reach the engine through the one name mapping either way)."""
+    from ..checkpoint import load_model
     from ..checkpoint.convert import HF_ASSETS, single_process
     from ..checkpoint.hf_files import HFCheckpointReader
     from ..checkpoint.megatron_files import METADATA_FILE, read_metadata
+    from ..models.qwen2_5_vl.hf_mapping import load_hf_state_dict
     from ..rl.rollout import make_engine
 
     path = Path(checkpoint)
@@ -46,36 +48,52 @@ def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype)
         args = Qwen25VLArgs.from_hf_config(meta["hf_config"])
         assets = path / HF_ASSETS
         tokenizer = load_tokenizer(assets)
+        if engine == "megatron":
+            model = _megatron_model(args, _vocab_divisor(meta), dtype)
+            load_model(model, path)
+            return make_engine(engine, args, tokenizer, policy=model.eval(), dtype=dtype), args, assets
         eng = make_engine(engine, args, tokenizer, dtype=dtype)
         _load_megatron(eng, args, path, meta, single_process)
         return eng, args, assets
     if (path / "config.json").is_file():
         args = Qwen25VLArgs.from_hf_config(json.loads((path / "config.json").read_text()))
         tokenizer = load_tokenizer(path)
-        eng = make_engine(engine, args, tokenizer, dtype=dtype)
         reader = HFCheckpointReader(path)
         names = [n for n in reader.names() if not (args.tie_word_embeddings and n == "lm_head.weight")]
+        if engine == "megatron":
+            model = _megatron_model(args, 1, dtype)
+            load_hf_state_dict(model, {n: reader.get(n) for n in names}, args, padded_vocab=model.padded_vocab_size,
+                               tp_rank=0, tp_size=1, layer_offset=0)
+            return make_engine(engine, args, tokenizer, policy=model.eval(), dtype=dtype), args, path
+        eng = make_engine(engine, args, tokenizer, dtype=dtype)
         eng.load_weights([(n, reader.get(n))] for n in names)  # one tensor in memory at a time
         return eng, args, path
     raise UsageError(f"checkpoint={checkpoint}: neither a Hugging Face folder (config.json) nor a megatron-vr1 "
                      f"checkpoint ({METADATA_FILE})")
 
 
+def _vocab_divisor(meta: dict) -> int:
+    """Pad the vocabulary as the checkpoint's layout did, so that it loads at TP=1."""
+    saved = meta.get("parallel") or {}
+    return int(saved.get("make_vocab_size_divisible_by") or 1) * int(saved.get("tensor_parallel") or 1)
+
+
+def _megatron_model(args, divisible: int, dtype: torch.dtype):
+    """The whole model at TP=1 on this rank (under the job's parallel state)."""
+    from ..models.qwen2_5_vl import ParallelLayout, build_model
+
+    model = build_model(args, ParallelLayout(make_vocab_size_divisible_by=divisible), backend="local", dtype=dtype)
+    return model.cuda() if platform.has_cuda() else model
+
+
 def _load_megatron(eng, args, path: Path, meta: dict, single_process) -> None:
     from contextlib import nullcontext
 
     from ..checkpoint import iter_hf_weights, load_model
-    from ..models.qwen2_5_vl import ParallelLayout, build_model
 
-    saved = meta.get("parallel") or {}
-    # pad the vocabulary as the checkpoint's layout did, so that it loads at TP=1
-    divisible = int(saved.get("make_vocab_size_divisible_by") or 1) * int(saved.get("tensor_parallel") or 1)
     # under torchrun the job's parallel state (TP=1, every rank a data-parallel replica) loads it
     with nullcontext() if torch.distributed.is_initialized() else single_process():
-        model = build_model(args, ParallelLayout(make_vocab_size_divisible_by=divisible), backend="local",
-                            dtype=torch.float32)
-        if platform.has_cuda():
-            model = model.cuda()
+        model = _megatron_model(args, _vocab_divisor(meta), torch.float32)
         load_model(model, path)
         eng.load_weights(iter_hf_weights(model))
         del model
@@ -134,8 +152,10 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
     extractor = LLMExtractor(extraction) if extraction.enabled else None
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        platform.init_distributed(1, 1, seed=int(seed))  # data parallel: each rank generates for its share
+    started = False
+    if world > 1 or engine == "megatron":  # data parallel: each rank generates for its share
+        started = not torch.distributed.is_initialized()  # the megatron engine needs the parallel state
+        platform.init_distributed(1, 1, seed=int(seed))
     rank = torch.distributed.get_rank() if world > 1 else 0
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +228,7 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
         write_summary(summary, out_dir)
     if world > 1:
         summary = _broadcast(summary)
+    if started:
         platform.shutdown_distributed()
     return summary
 

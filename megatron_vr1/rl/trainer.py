@@ -120,23 +120,28 @@ def run(cfg: DictConfig) -> None:
     leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
     leader_rank = min(dist.get_process_group_ranks(mp_group))
     engine_options = OmegaConf.to_container(rl.engine_options, resolve=True) or {}
-    if rl.engine == "hf":
+    if rl.engine in ("hf", "megatron"):
         engine_options.setdefault("max_batch", int(rl.rollout.max_batch))
         engine_options.setdefault("dtype", par.dtype)
+    if rl.engine == "megatron":
+        engine_options["policy"] = model
     engine = make_engine(rl.engine, par.args, tokenizer, **engine_options) \
-        if leader or rl.engine == "vllm" else None
+        if leader or rl.engine in ("vllm", "megatron") else None
     spmd = engine is not None and engine.spmd
     rewards = RewardPool(workers=int(rl.reward.workers), timeout=float(rl.reward.timeout)) if leader else None
     bucket_bytes = int(rl.weight_sync_bucket_mb) << 20
 
     def sync_weights() -> float:
         start = time.perf_counter()
-        buckets = iter_hf_weights(model, bucket_bytes)
-        if engine is not None:
-            engine.load_weights(buckets)
+        if engine is not None and spmd:  # every rank has one
+            engine.sync_from(model, bucket_bytes)
         else:
-            for _ in buckets:  # a collective: every rank takes part
-                pass
+            buckets = iter_hf_weights(model, bucket_bytes)
+            if engine is not None:
+                engine.load_weights(buckets)
+            else:
+                for _ in buckets:  # a collective: every rank takes part
+                    pass
         return time.perf_counter() - start
 
     sync_weights()
@@ -167,7 +172,7 @@ def run(cfg: DictConfig) -> None:
             if engine is not None and (leader or spmd):
                 engine.wake()
                 extra = {"images": [[load_image(i, dataset.image_root) for i in p.image_sources]
-                                    for p in prompts]} if spmd else {}
+                                    for p in prompts]} if engine.wants_pil_images else {}
                 outs = engine.generate([p.sample for p in prompts], params, **extra) if prompts else []
                 engine.sleep()
                 times["rollout"] = time.perf_counter() - t0
@@ -179,7 +184,7 @@ def run(cfg: DictConfig) -> None:
                 payload = [([c.token_ids for c in flat], [c.text for c in flat], [c.finish_reason for c in flat],
                             [i.reward for i in infos], [i.format_ok for i in infos], [i.correct for i in infos],
                             times)]
-            if not spmd and dist.get_world_size(mp_group) > 1:
+            if dist.get_world_size(mp_group) > 1:  # the rewards are the leader's, also under an SPMD engine
                 dist.broadcast_object_list(payload, src=leader_rank, group=mp_group)
             *fields, shared_times = payload[0]
             times.update(shared_times)

@@ -135,7 +135,13 @@ def varlen_attention(
 @functools.lru_cache(maxsize=16)  # every layer of a micro-batch asks for the same blocks
 def _blocks_by_length(bounds: tuple, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
     """``(length, count, row indices)`` per block length; the indices are built on the host and
-    copied without blocking (pinned), so no layer waits for the device."""
+    copied without blocking (pinned), so no layer waits for the device. Cached across calls, so
+    never made as inference tensors (generation runs under ``inference_mode``; training reuses them)."""
+    with torch.inference_mode(False):
+        return _index_blocks(bounds, device)
+
+
+def _index_blocks(bounds: tuple, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
     by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:

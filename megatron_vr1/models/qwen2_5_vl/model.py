@@ -10,6 +10,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -127,6 +128,7 @@ class Qwen25VLModel(MegatronModule):
         parallel_output: bool = True,
         config_overrides: Optional[dict] = None,
         padded_vocab_size: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
     ) -> None:
         layout = layout or ParallelLayout()
         args.check_parallel(layout.tensor_parallel, layout.pipeline_parallel,
@@ -147,7 +149,7 @@ class Qwen25VLModel(MegatronModule):
         vision_overrides = {k: v for k, v in (config_overrides or {}).items() if k in _VISION_OVERRIDABLE}
         self.vision = (
             Qwen25VisionModel(vision_config(args, layout, dtype, self.backend, **vision_overrides), args.vision,
-                              layer_spec(self.backend, causal=False))
+                              layer_spec(self.backend, causal=False), pg_collection=pg_collection)
             if pre_process else None
         )
         self.language_model = GPTModel(
@@ -162,7 +164,10 @@ class Qwen25VLModel(MegatronModule):
             position_embedding_type="mrope",
             rotary_base=int(args.rope_theta),
             scatter_embedding_sequence_parallel=False,
+            pg_collection=pg_collection,
         )
+        # megatron-core's weight refit (megatron.core.resharding) reads the owning module's groups
+        self.pg_collection = self.language_model.pg_collection
         self.share_embeddings_and_output_weights = args.tie_word_embeddings
         self.layer_offset = get_transformer_layer_offset(config)  # global index of this stage's first LM layer
 

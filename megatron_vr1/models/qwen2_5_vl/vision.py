@@ -38,16 +38,16 @@ class PatchEmbed(torch.nn.Module):
 
 
 class PatchMerger(MegatronModule):
-    def __init__(self, config: TransformerConfig, vision: VisionArgs) -> None:
+    def __init__(self, config: TransformerConfig, vision: VisionArgs, tp_group=None) -> None:
         super().__init__(config=config)
         width = vision.hidden_size * vision.merge_unit
         self.width = width
         self.ln_q = RMSNorm(config, vision.hidden_size, eps=vision.norm_eps)
         self.fc1 = ColumnParallelLinear(width, width, config=config, init_method=config.init_method,
-                                        bias=True, gather_output=False)
+                                        bias=True, gather_output=False, tp_group=tp_group)
         self.fc2 = RowParallelLinear(width, vision.out_hidden_size, config=config,
                                      init_method=config.output_layer_init_method, bias=True,
-                                     input_is_parallel=True, skip_bias_add=False)
+                                     input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.fc1(self.ln_q(x).reshape(-1, self.width))
@@ -56,14 +56,17 @@ class PatchMerger(MegatronModule):
 
 
 class Qwen25VisionModel(MegatronModule):
-    def __init__(self, config: TransformerConfig, vision: VisionArgs, layer_spec: ModuleSpec) -> None:
+    def __init__(self, config: TransformerConfig, vision: VisionArgs, layer_spec: ModuleSpec,
+                 pg_collection=None) -> None:
         super().__init__(config=config)
         self.args = vision
         self.patch_embed = PatchEmbed(vision, config.params_dtype)
+        # pg_collection: process groups other than megatron-core's global ones (a rollout copy)
+        extra = {} if pg_collection is None else {"pg_collection": pg_collection}
         self.layers = torch.nn.ModuleList(
-            build_module(layer_spec, config=config, layer_number=i + 1) for i in range(vision.depth)
+            build_module(layer_spec, config=config, layer_number=i + 1, **extra) for i in range(vision.depth)
         )
-        self.merger = PatchMerger(config, vision)
+        self.merger = PatchMerger(config, vision, tp_group=None if pg_collection is None else pg_collection.tp)
         self._full = set(vision.fullatt_block_indexes)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -7,6 +7,7 @@ reproducible from the seed (the caller's RNG state is left as it was).
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Sequence
 
 import torch
@@ -15,11 +16,8 @@ from ... import platform
 from ...data.batch import collate_padded
 from ...data.template import Sample
 from ...models.qwen2_5_vl import canonical_hf_name
-from .base import Completion, RolloutEngine, SamplingParams
+from .base import END_TOKENS, VISION_TOKENS, Completion, RolloutEngine, SamplingParams, finish
 
-END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-# a response holding these would claim image slots the prompt's pixels do not fill: never sampled
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
 def _no_init_weights():
@@ -49,6 +47,7 @@ class HFEngine(RolloutEngine):
         model.tie_weights()  # skipped with the initialisation: a tied lm_head must be the embedding itself
         # every buffer on the device: some (the vision rotary's frequencies) are made on the host
         self.model = model.to(device=platform.device(), dtype=dtype).eval()
+        self._takes_token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
         self._params = {canonical_hf_name(k): p for k, p in self.model.named_parameters()}  # tied ones once
         if args.tie_word_embeddings and "lm_head.weight" in self._params:
             raise RuntimeError("the engine's lm_head is not tied to its embedding")
@@ -86,6 +85,10 @@ class HFEngine(RolloutEngine):
         # the batch keeps the grid on the host (the trainer's bookkeeping); transformers wants it beside the pixels
         images = {} if batch.pixel_values is None else dict(pixel_values=batch.pixel_values,
                                                             image_grid_thw=batch.image_grid_thw.to(platform.device()))
+        if images and self._takes_token_types:
+            # transformers 5 finds the image tokens (hence the M-RoPE ids) through these: without
+            # them generate() gives an image prompt text positions
+            images["mm_token_type_ids"] = (batch.input_ids == self.args.image_token_id).int()
         greedy = params.temperature <= 0  # one decode per prompt: its n completions are the same
         sequences = self.model.generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, **images, **sampling,
@@ -93,24 +96,8 @@ class HFEngine(RolloutEngine):
             eos_token_id=self.end_ids, suppress_tokens=self.suppressed, pad_token_id=self.pad_id,
             stop_strings=list(params.stop) or None, tokenizer=self.tokenizer)
         new = sequences[:, batch.input_ids.shape[1]:].tolist()
-        completions = [self._completion(ids, params) for ids in new]
+        completions = [finish(ids, self.tokenizer, self.end_ids, params.stop) for ids in new]
         if greedy:
             return [[Completion(list(c.token_ids), c.text, c.finish_reason) for _ in range(params.n)]
                     for c in completions]
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
-
-    def _completion(self, ids: list[int], params: SamplingParams) -> Completion:
-        """The response up to what ended it. A sequence that finished early is padded (with an
-        end token) while the batch goes on, so it is cut at its first end token, or just after
-        the token that completed a stop string, whichever comes first."""
-        end = next((k + 1 for k, token in enumerate(ids) if token in self.end_ids), None)
-        if end is not None:
-            ids = ids[:end]
-        decode = lambda n: self.tokenizer.decode(ids[:n], skip_special_tokens=True)  # noqa: E731
-        if params.stop and any(s in decode(len(ids)) for s in params.stop):
-            lo, hi = 1, len(ids)  # the fewest tokens whose text holds a stop string
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if any(s in decode(mid) for s in params.stop) else (mid + 1, hi)
-            ids, end = ids[:lo], lo
-        return Completion(ids, decode(len(ids)), "stop" if end is not None else "length")

@@ -14,14 +14,14 @@ import re
 from typing import Iterable, Sequence
 
 from ...data.template import Sample
-from .base import Completion, RolloutEngine, SamplingParams
-from .hf import END_TOKENS
+from .base import END_TOKENS, Completion, RolloutEngine, SamplingParams
 
 _IMAGE_PAD = "<|image_pad|>"
 
 
 class VLLMEngine(RolloutEngine):
     spmd = True
+    wants_pil_images = True
 
     def __init__(self, args, tokenizer, *, model_dir: str, tensor_parallel: int = 1,
                  gpu_memory_utilization: float = 0.5, max_model_len: int = 16384, max_images: int = 4,
