@@ -66,7 +66,7 @@ def make_script(delay: float = 0.0):
         is_mllm = body["model"] == "mllm"
         if is_mllm:
             if scenario == "m_timeout":
-                time.sleep(1.5)
+                time.sleep(4.0)  # well past mllm.timeout, even on a loaded machine
             if scenario == "m429_once" and once(("m", scenario)):
                 return 429, "slow down", {"Retry-After": "0"}
             if isinstance(body["messages"][-1]["content"], list):  # the image travels as a data URI
@@ -100,7 +100,7 @@ def write_records(root: Path, names: list[str]) -> Path:
 def command(records: Path, out: Path, url: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megatron_vr1.coldstart", f"input={records}", f"out={out}",
             f"mllm.base_url={url}", "mllm.model=mllm", f"reasoner.base_url={url}", "reasoner.model=reasoner",
-            "mllm.timeout=0.5", "mllm.max_retries=1", "reasoner.max_retries=2", "mllm.backoff=0.01",
+            "mllm.timeout=2.0", "mllm.max_retries=1", "reasoner.max_retries=2", "mllm.backoff=0.01",
             "reasoner.backoff=0.01", "progress=false", *extra]
 
 

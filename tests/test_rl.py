@@ -138,8 +138,11 @@ def test_megatron_engine_runs_grpo_like_the_hf_engine(tmp_path, colour_task, toy
         got = metrics(tmp_path / name)
         for key in ("reward_mean", "format_rate", "accuracy", "response_length_mean", "truncated_frac"):
             assert [x[key] for x in got] == [x[key] for x in base], (name, key)
-        for key, rel in (("loss", RTOL), ("kl", RTOL), ("entropy", 1e-4)):  # TP=2 sums in another order
+        for key, rel in (("loss", RTOL), ("entropy", 1e-4)):  # TP=2 sums in another order
             assert [x[key] for x in got] == pytest.approx([x[key] for x in base], rel=rel, abs=1e-7), (name, key)
+        # with every advantage 0 the policy only drifts (Adam scales rounding-level gradients up to
+        # full steps), so the KL stays at rounding level in both runs
+        assert max(abs(x["kl"]) for x in got + base) < 1e-4, name
 
 
 def test_resume_after_sigkill_mid_stage(tmp_path, rl_references, colour_task, toy_tokenizer_dir):
