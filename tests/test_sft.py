@@ -135,14 +135,16 @@ def test_resume_after_sigkill_in_a_step_and_in_a_save(tmp_path, reference_runs, 
     run_dir = tmp_path / "run"
     command = _command(nproc, [f"checkpoint.dir={run_dir}", *common(demo_with_tokenizer, init_ckpt, *extra)])
 
-    def start():
-        return subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+    def start(**env):
+        return subprocess.Popen(command, env=dict(_env(), **env), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     # killed during step 3, once the checkpoint of step 2 is complete
     _kill_when(start(), lambda: (run_dir / "iter_0000002" / "megatron_vr1.json").exists())
-    # resumed from step 2, killed while it writes the checkpoint of step 4
-    _kill_when(start(), lambda: any(run_dir.glob(".iter_0000004.incomplete-*")))
+    # resumed from step 2, killed while it writes the checkpoint of step 4 (held before its final
+    # rename, so that the kill lands inside the save however loaded the machine is)
+    _kill_when(start(MEGATRON_VR1_PAUSE_BEFORE_RENAME="120"),
+               lambda: any(run_dir.glob(".iter_0000004.incomplete-*")))
     assert not (run_dir / "iter_0000004").exists()  # the half-written checkpoint never took the name
     sft(run_dir, nproc, *common(demo_with_tokenizer, init_ckpt, *extra))  # resumes from step 2 again
     assert losses(run_dir) == pytest.approx(losses(reference_runs[layout]), rel=RTOL)

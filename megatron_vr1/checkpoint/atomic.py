@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 
 _AT_FDCWD = -100
@@ -53,6 +54,9 @@ def remove(path: Path) -> None:
 def replace_dir(new: Path, out: Path) -> None:
     """Make the complete folder ``new`` be ``out``, replacing whatever ``out`` is (a folder or a
     link to one; the link's target is left alone)."""
+    pause = os.environ.get("MEGATRON_VR1_PAUSE_BEFORE_RENAME")  # crash tests: a kill lands before the switch
+    if pause:
+        time.sleep(float(pause))
     if not (out.exists() or out.is_symlink()):
         os.rename(new, out)
         return

@@ -25,6 +25,13 @@ def expected_shards(copy, full: dict, args) -> dict:
             for name, _, mapping in iter_model_mappings(copy, args, copy.padded_vocab_size, 0)}
 
 
+def full_weights(model) -> dict:
+    """The policy's full HF-named tensors (a collective: every rank calls it)."""
+    from megatron_vr1.checkpoint import iter_hf_weights
+
+    return {name: tensor for bucket in iter_hf_weights(model, bucket_bytes=1 << 16) for name, tensor in bucket}
+
+
 def mismatches(copy, full: dict, args) -> list[str]:
     want = expected_shards(copy, full, args)
     return [name for name, p in copy.named_parameters() if not torch.equal(p.detach(), want[name])]
@@ -35,7 +42,6 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_vr1 import platform
-    from megatron_vr1.checkpoint import iter_hf_weights
     from megatron_vr1.config import load_model_conf, model_from_conf
     from megatron_vr1.data import load_tokenizer
     from megatron_vr1.models.qwen2_5_vl import ParallelLayout, build_model
@@ -56,9 +62,7 @@ def main() -> None:
     prompts = prompts[dp_rank::dp_size]  # each data-parallel replica its own prompts
 
     hf = make_engine("hf", args, tok) if leader else None
-    full = {}
-    for bucket in iter_hf_weights(model, bucket_bytes=1 << 16):
-        full.update(bucket)
+    full = full_weights(model)
     if hf is not None:
         hf.load_weights([list(full.items())])
     engine = make_engine("megatron", args, tok, policy=model, max_batch=4)
@@ -90,9 +94,7 @@ def main() -> None:
     seqs = [RolloutSequence(response_sample(p, c.token_ids), 0.0) for p, c in zip(rows, flat)]
     batches = micro_batches(seqs, args, max_tokens=4096, pad_to=tp, pad_id=0, group=ps.get_data_parallel_group())
     train_step(ddp, optimizer, scheduler, batches, CrossEntropy())
-    full = {}
-    for bucket in iter_hf_weights(model, bucket_bytes=1 << 16):
-        full.update(bucket)
+    full = full_weights(model)
     copy_engine.sync_from(model, 1 << 20)
     result["refit_after_step_mismatches"] = mismatches(copy_engine.model, full, args)
     after = copy_engine.generate(prompts, sampled)
