@@ -286,6 +286,11 @@ def peak_flops() -> float | None:
     return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def device_memory_bytes() -> int | None:
+    """Memory of this process's accelerator, or None on the CPU (no budget to plan against)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if has_cuda() else None
+
+
 def synchronize() -> None:
     """Wait for the device (for timings); nothing to wait for on the CPU."""
     if has_cuda():

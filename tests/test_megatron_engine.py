@@ -89,6 +89,28 @@ def test_greedy_tokens_equal_the_hf_engine(toy):
     assert model.training  # the engine gives the policy back in its own mode
 
 
+def test_kv_cache_fraction_cuts_the_batches_to_what_fits(toy, monkeypatch):
+    """With ``kv_cache_fraction`` of a device holding the KV cache and prefill logits of two
+    sequences, the engine generates two at a time (not ``max_batch`` 3), with the same tokens."""
+    from megatron_vr1 import platform
+    from megatron_vr1.planning import rollout_batch_limit
+    from megatron_vr1.rl.rollout import SamplingParams, make_engine
+
+    args, tok, model, hf, engine = toy
+    prompts = engine_prompts(args, tok)
+    params = SamplingParams(n=1, max_new_tokens=8, temperature=0, stop=())
+    longest = max(len(p) for p in prompts)
+    one = rollout_batch_limit(args, 1, args.num_layers, 4, prompt_tokens=longest, response_tokens=8, budget_bytes=1e12)
+    monkeypatch.setattr(platform, "device_memory_bytes", lambda: int(1e12 / one * 2.5 / 0.5))
+    capped = make_engine("megatron", args, tok, policy=model, max_batch=3, kv_cache_fraction=0.5)
+    sizes = []
+    run_batch = capped._batch
+    monkeypatch.setattr(capped, "_batch", lambda rows, *a: sizes.append(len(rows)) or run_batch(rows, *a))
+    got = capped.generate(prompts, params)
+    assert sizes == [2] * (len(prompts) // 2) + [1] * (len(prompts) % 2)
+    assert [c[0].token_ids for c in got] == [c[0].token_ids for c in engine.generate(prompts, params)]
+
+
 def test_stop_strings_end_a_response_where_the_hf_engine_ends_it(toy):
     """A stop string cuts each response just after the token that completes it, with finish
     reason "stop", like the hf engine (transformers' stop strings)."""

@@ -120,6 +120,24 @@ def test_tp2_and_pp2_give_the_single_process_losses_and_rewards(rl_references):
         assert [x["response_length_mean"] for x in got] == [x["response_length_mean"] for x in base], name
 
 
+def test_two_nodes_through_the_launch_script_give_the_single_node_grpo_step(tmp_path, rl_references, colour_task,
+                                                                           toy_tokenizer_dir):
+    """One GRPO step at TP=2 over two "nodes" of one process (tools/launch/torchrun.sh, loopback):
+    the first step of the single-node two-process run."""
+    from multinode import launch_two_nodes
+
+    root, init = colour_task
+    run_dir = tmp_path / "two_nodes"
+    one_step = "[{max_response_tokens: 32, group_size: 4, steps: 1}]"
+    outputs = launch_two_nodes("megatron_vr1.rl", [f"checkpoint.dir={run_dir}", *rl_args(
+        root, init, toy_tokenizer_dir, one_step, *LAYOUTS["tp2"][1])], cwd=tmp_path)
+    assert "GRPO on 2 GPUs: TP=2" in outputs[0] and "verdict: fits" in outputs[0]
+    got, want = metrics(run_dir), metrics(rl_references["tp2"])[:1]
+    assert len(got) == 1
+    for key in ("reward_mean", "loss", "response_length_mean", "kl", "entropy"):
+        assert got[0][key] == want[0][key], key
+
+
 def test_megatron_engine_runs_grpo_like_the_hf_engine(tmp_path, colour_task, toy_tokenizer_dir):
     """Greedy rollouts (temperature 0): GRPO with rl.engine=megatron, generating with the TP=2
     (sequence-parallel) policy itself or with a TP=1 copy refit from it after every update, gives

@@ -100,6 +100,32 @@ def reference_runs(tmp_path_factory, demo_with_tokenizer, init_ckpt):
     return runs
 
 
+def test_two_nodes_through_the_launch_script_train_like_one_node(tmp_path, reference_runs, demo_with_tokenizer,
+                                                               init_ckpt):
+    """tools/launch/torchrun.sh on two "nodes" of one process (loopback, gloo), TP=2 across them:
+    it prints the layout and the planner's verdict, and the losses are the single-node
+    two-process run's."""
+    from multinode import launch_two_nodes
+
+    run_dir = tmp_path / "two_nodes"
+    outputs = launch_two_nodes("megatron_vr1.sft", [f"checkpoint.dir={run_dir}", *common(
+        demo_with_tokenizer, init_ckpt, *LAYOUTS["tp2"][1])], cwd=tmp_path)
+    assert "launch: node 1 of 2, 1 processes per node (2 in all)" in outputs[1]
+    assert "TP=2 x CP=1 x PP=1 x DP=1" in outputs[0] and "verdict: fits" in outputs[0]
+    assert losses(run_dir) == losses(reference_runs["tp2"])
+
+
+def test_the_launch_script_refuses_a_world_size_the_layout_does_not_fit(tmp_path, demo_with_tokenizer, init_ckpt):
+    from multinode import launch_refused
+
+    proc = launch_refused("megatron_vr1.sft", common(demo_with_tokenizer, init_ckpt, *LAYOUTS["tp2"][1]),
+                          tmp_path, nnodes=1, per_node=3)
+    assert proc.returncode == 2 and "use a multiple of 2" in proc.stderr and "launch: refused" in proc.stderr
+    big = launch_refused("megatron_vr1.sft", ["recipe=sft_72b", "train.recompute=none", "data.train=x"], tmp_path,
+                         nnodes=1, per_node=32)
+    assert big.returncode == 1 and "does NOT fit" in big.stdout and "PLAN_CHECK=0" in big.stderr
+
+
 def test_losses_are_the_same_at_every_layout(reference_runs):
     """Same seed, data and initial weights: TP=2 with sequence parallelism, PP=2 and DP=2 (each with
     several micro-batches per step) train exactly like one process."""

@@ -35,6 +35,7 @@ class OptimizerSettings:
     clip_grad: float = 1.0
     freeze_vision: bool = False
     freeze_merger: bool = False
+    distributed_optimizer: bool = True  # Adam's fp32 state sharded over data-parallel ranks
 
 
 def freeze(model: torch.nn.Module, *, vision: bool, merger: bool) -> int:
@@ -58,14 +59,14 @@ def wrap_and_optimize(model: torch.nn.Module, settings: OptimizerSettings, total
     config = model.config
     config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-                                               use_distributed_optimizer=True)
+                                               use_distributed_optimizer=settings.distributed_optimizer)
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     dtype = next(model.parameters()).dtype
     opt_config = OptimizerConfig(
         optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad, bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
-        use_distributed_optimizer=True)
+        use_distributed_optimizer=settings.distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=not platform.has_cuda())
     warmup = int(round(settings.warmup_ratio * total_steps))
     scheduler = OptimizerParamScheduler(

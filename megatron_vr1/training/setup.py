@@ -30,7 +30,10 @@ USER_ERRORS = (UsageError, ConfigError, CheckpointError, RecordError, SampleErro
 
 
 def main_guard(run: Callable[[DictConfig], Any], cfg: DictConfig, name: str) -> None:
-    """Run an entry point; a user error prints one line (per rank that hits it) and exits 2."""
+    """Run an entry point (or, with ``dry_run=true``, plan it); a user error prints one line (per
+    rank that hits it) and exits 2."""
+    if cfg.get("dry_run"):
+        from ..planning import dry_run as run
     try:
         run(cfg)
     except USER_ERRORS as e:
@@ -62,6 +65,7 @@ def start_parallel(cfg: DictConfig) -> Parallel:
     args, layout = model_from_conf(cfg.model)
     if layout.sequence_parallel and layout.tensor_parallel == 1:
         layout.sequence_parallel = False  # nothing to split over: megatron-core refuses SP without TP
+    check_context_parallel(layout.context_parallel, resolve_backend(cfg.backend))
     platform.init_distributed(layout.tensor_parallel, layout.pipeline_parallel, seed=int(cfg.seed))
     dtype = {"auto": torch.bfloat16 if platform.has_cuda() else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}.get(str(cfg.train.dtype))
@@ -69,6 +73,19 @@ def start_parallel(cfg: DictConfig) -> Parallel:
         raise UsageError(f"train.dtype must be auto, bf16 or fp32, got {cfg.train.dtype!r}")
     return Parallel(args, layout, resolve_backend(cfg.backend), dtype, ps.get_data_parallel_rank(),
                     ps.get_data_parallel_world_size(), torch.distributed.get_rank() == 0)
+
+
+def check_context_parallel(size: int, backend: str) -> None:
+    """Context parallelism needs Transformer Engine's attention on GPUs, and our packed batches
+    are not yet split over context-parallel ranks: refuse it with the change to make."""
+    if size == 1:
+        return
+    if not platform.has_cuda() or backend != "te":
+        where = "this machine has no GPU" if not platform.has_cuda() else f"the layer backend is {backend!r}"
+        raise UsageError(f"model.parallel.context_parallel={size} needs Transformer Engine attention on GPUs "
+                         f"(backend=te) and {where}: set model.parallel.context_parallel=1")
+    raise UsageError(f"model.parallel.context_parallel={size}: the trainers do not yet split packed sequences over "
+                     f"context-parallel ranks; set model.parallel.context_parallel=1 (tools/plan.py still plans it)")
 
 
 def recompute_config(kind: str, layers: int = 1) -> dict[str, Any]:

@@ -21,13 +21,17 @@ class ParallelLayout:
     pipeline_parallel: int = 1
     num_layers_in_first_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
+    # Context parallelism splits every sequence over this many ranks (long PTST stages); it needs
+    # Transformer Engine's attention on GPUs. Parameters are the same on every context rank.
+    context_parallel: int = 1
     # Padded vocab rows give logits of 0 that enter every softmax, so log-probs would drift from
     # the HF model (and the rollout engine). Qwen's vocabularies divide by 8: pad only if TP needs.
     make_vocab_size_divisible_by: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel
+        """The smallest job of this layout: one data-parallel replica."""
+        return self.tensor_parallel * self.context_parallel * self.pipeline_parallel
 
 
 # Meta builds must not allocate on a GPU: megatron-core's CPU initialisation path honours
@@ -55,6 +59,7 @@ def fake_rank(layout: ParallelLayout, rank: int) -> Iterator[None]:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_parallel,
             pipeline_model_parallel_size=layout.pipeline_parallel,
+            context_parallel_size=layout.context_parallel,
             create_gloo_process_groups=False,  # the fake backend has no gloo twin
         )
         yield
@@ -78,8 +83,11 @@ def parameter_counts_by_rank(args, layout: ParallelLayout, dtype: torch.dtype = 
     Each rank's stage is built on the meta device under a fake process group, so this runs
     for 72B at TP=8 x PP=4 on a laptop; the sum equals the Hugging Face model's count.
     """
+    from dataclasses import replace
+
     from megatron.core import parallel_state
 
+    layout = replace(layout, context_parallel=1)  # context-parallel ranks repeat these
     counts = []
     for rank in range(layout.world_size):
         with meta_stage(args, layout, rank, dtype) as model:

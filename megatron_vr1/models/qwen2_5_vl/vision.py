@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -107,8 +107,12 @@ class Qwen25VisionModel(MegatronModule):
         rotary = layout.rotary_angles.view(n, 1, 1, -1)
         full = packed_seq_params(layout.cu_seqlens, layout.image_bounds, layout.max_image)
         windowed = packed_seq_params(layout.cu_window_seqlens, layout.window_bounds, layout.max_window)
+        # Full recomputation (``recompute_granularity="full"``) keeps each block's input only, as
+        # megatron-core's TransformerBlock does for the LM; the ViT runs its blocks one by one.
+        recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x, _ = layer(x, attention_mask=None, rotary_pos_emb=rotary,
-                         packed_seq_params=full if i in self._full else windowed)
+            def block(x, layer=layer, params=full if i in self._full else windowed):
+                return layer(x, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=params)[0]
+            x = tensor_parallel.checkpoint(block, False, x) if recompute else block(x)
         merged = self.merger(x.reshape(n, -1))
         return merged[layout.reverse_index]

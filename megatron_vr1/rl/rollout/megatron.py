@@ -124,8 +124,10 @@ class MegatronEngine(RolloutEngine):
     spmd = True
 
     def __init__(self, args, tokenizer, *, policy: Qwen25VLModel, dtype: torch.dtype = torch.float32,
-                 max_batch: int = 64, tensor_parallel: Optional[int] = None) -> None:
+                 max_batch: int = 64, tensor_parallel: Optional[int] = None,
+                 kv_cache_fraction: Optional[float] = None) -> None:
         self.args, self.tokenizer, self.max_batch = args, tokenizer, max_batch
+        self.kv_cache_fraction = kv_cache_fraction
         self.policy = policy
         self.end_ids = [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
         if tensor_parallel is None:
@@ -179,13 +181,29 @@ class MegatronEngine(RolloutEngine):
         ctl.sampling_rng.manual_seed(int(seed))
         rows = [p for p in prompts for _ in range(copies)]
         flat: list[Completion] = []
+        step = self.rows_per_batch(max(len(r) for r in rows), params.max_new_tokens)
         with _generation_mode(self.model):
-            for start in range(0, len(rows), self.max_batch):
-                flat += self._batch(rows[start:start + self.max_batch], sampling, params)
+            for start in range(0, len(rows), step):
+                flat += self._batch(rows[start:start + step], sampling, params)
         if greedy:
             return [[Completion(list(c.token_ids), c.text, c.finish_reason, c.logprobs) for _ in range(params.n)]
                     for c in flat]
         return [flat[i * copies:(i + 1) * copies] for i in range(len(prompts))]
+
+    def rows_per_batch(self, prompt_tokens: int, new_tokens: int) -> int:
+        """``max_batch``, or fewer where ``kv_cache_fraction`` of the accelerator's memory would not
+        hold their KV cache and prefill logits (the planner's own formula); at least one."""
+        budget = platform.device_memory_bytes()
+        if not self.kv_cache_fraction or budget is None:
+            return self.max_batch
+        from ...planning import rollout_batch_limit, stage_layers
+
+        # every stage must cut the same batches: plan for the deepest stage, with the logits
+        model = self.model
+        fits = rollout_batch_limit(self.args, model.layout.tensor_parallel, max(stage_layers(self.args, model.layout)),
+                                   model.config.params_dtype.itemsize, prompt_tokens=prompt_tokens,
+                                   response_tokens=new_tokens, budget_bytes=self.kv_cache_fraction * budget)
+        return max(1, min(self.max_batch, fits))
 
     def _batch(self, samples: list[Sample], sampling: MegatronSampling, params: SamplingParams) -> list[Completion]:
         requests = OrderedDict(
