@@ -15,7 +15,7 @@ from megatron_vr1.models.qwen2_5_vl import ParallelLayout
 from megatron_vr1.planning import ActivationSettings, GiB, rank_params, stage_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = {"7b_tp2": ("qwen2_5_vl_7b", 2, 1, None), "32b_tp8_pp2": ("qwen2_5_vl_32b", 8, 2, 28),
+LAYOUTS = {"3b_tp2_pp2_tied": ("qwen2_5_vl_3b", 2, 2, 16), "7b_tp2": ("qwen2_5_vl_7b", 2, 1, None), "32b_tp8_pp2": ("qwen2_5_vl_32b", 8, 2, 28),
            "72b_tp8_pp4": ("qwen2_5_vl_72b", 8, 4, 17)}
 HF_COUNTS = {"qwen2_5_vl_7b": 8_292_166_656, "qwen2_5_vl_32b": 33_452_718_336, "qwen2_5_vl_72b": 73_410_777_344}
 
@@ -41,7 +41,8 @@ def test_planner_counts_equal_the_meta_device_model_at_every_rank(meta_ranks, ke
     for r in built:
         want = rank_params(args, layout, r["stage"], r["tp_rank"])
         assert (want.held, want.unique, want.lm_layers) == (r["held"], r["unique"], r["lm_layers"]), r
-    assert sum(r["unique"] for r in built) == HF_COUNTS[name]
+    if name in HF_COUNTS:
+        assert sum(r["unique"] for r in built) == HF_COUNTS[name]
 
 
 # ---- activations: the estimate against the memory a real forward and backward allocates
