@@ -93,14 +93,16 @@ def test_kv_cache_fraction_cuts_the_batches_to_what_fits(toy, monkeypatch):
     """With ``kv_cache_fraction`` of a device holding the KV cache and prefill logits of two
     sequences, the engine generates two at a time (not ``max_batch`` 3), with the same tokens."""
     from megatron_vr1 import platform
-    from megatron_vr1.planning import rollout_batch_limit
+    from megatron_vr1.models.qwen2_5_vl import ParallelLayout
+    from megatron_vr1.planning import rollout_rows
     from megatron_vr1.rl.rollout import SamplingParams, make_engine
 
     args, tok, model, hf, engine = toy
     prompts = engine_prompts(args, tok)
     params = SamplingParams(n=1, max_new_tokens=8, temperature=0, stop=())
     longest = max(len(p) for p in prompts)
-    one = rollout_batch_limit(args, 1, args.num_layers, 4, prompt_tokens=longest, response_tokens=8, budget_bytes=1e12)
+    one = rollout_rows(args, ParallelLayout(), 4, max_batch=10**9, kv_cache_fraction=1.0, prompt_tokens=longest,
+                       response_tokens=8, device_bytes=1e12)  # sequences per 1e12 bytes
     monkeypatch.setattr(platform, "device_memory_bytes", lambda: int(1e12 / one * 2.5 / 0.5))
     capped = make_engine("megatron", args, tok, policy=model, max_batch=3, kv_cache_fraction=0.5)
     sizes = []

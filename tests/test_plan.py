@@ -163,14 +163,26 @@ def test_optimizer_state_shards_over_data_parallel_and_context_parallel_splits_t
         plan(args, layout, _settings(gpus=3))
 
 
-def test_rollout_batch_limit_is_the_kv_and_prefill_formula():
-    from megatron_vr1.planning import rollout_batch_limit
+def test_rollout_rows_is_the_kv_and_prefill_formula():
+    from megatron_vr1.planning import rollout_rows
 
     args, _ = model_from_conf(load_model_conf("qwen2_5_vl_7b"))
     per_token_kv = 2 * (4 // 2) * 128 * 28 * 2  # K and V, 2 of 4 KV heads per rank, 28 layers, bf16
     per_seq = per_token_kv * (1000 + 3000) + 1000 * 152064 // 2 * 2  # + the prompt's logits on the last stage
     budget = 10.5 * per_seq
-    assert rollout_batch_limit(args, 2, 28, 2, prompt_tokens=1000, response_tokens=3000, budget_bytes=budget) == 10
+    rows = dict(prompt_tokens=1000, response_tokens=3000)
+    assert rollout_rows(args, ParallelLayout(2), 2, max_batch=64, kv_cache_fraction=0.5, device_bytes=2 * budget,
+                        **rows) == 10
+    assert rollout_rows(args, ParallelLayout(2), 2, max_batch=8, kv_cache_fraction=0.5, device_bytes=2 * budget,
+                        **rows) == 8
+    assert rollout_rows(args, ParallelLayout(2), 2, max_batch=64, kv_cache_fraction=0.5, device_bytes=budget / 100,
+                        **rows) == 1
+    assert rollout_rows(args, ParallelLayout(2), 2, max_batch=64, kv_cache_fraction=None, device_bytes=budget,
+                        **rows) == 64
+    # pipeline stages cut the same batches: the deepest stage (16 of 28 layers) decides on every one
+    pp2 = ParallelLayout(2, 2, num_layers_in_first_pipeline_stage=12)
+    deep = 2 * (4 // 2) * 128 * 16 * 2 * 4000 + 1000 * 152064 // 2 * 2
+    assert rollout_rows(args, pp2, 2, max_batch=64, kv_cache_fraction=1.0, device_bytes=3.5 * deep, **rows) == 3
 
 
 # ---- recipes and the command line

@@ -104,13 +104,19 @@ def kv_bytes_per_token(args: Qwen25VLArgs, tensor_parallel: int, layers: int, el
     return 2 * max(1, args.num_kv_heads // tensor_parallel) * args.head_dim * layers * elem
 
 
-def rollout_batch_limit(args: Qwen25VLArgs, tensor_parallel: int, layers: int, elem: int, *, prompt_tokens: int,
-                        response_tokens: int, budget_bytes: float, last_stage: bool = True) -> int:
-    """Sequences whose KV cache (and prefill logits, on the last stage) fit ``budget_bytes``."""
-    per_seq = kv_bytes_per_token(args, tensor_parallel, layers, elem) * (prompt_tokens + response_tokens)
-    if last_stage:
-        per_seq += prompt_tokens * args.padded_vocab_size(tensor_parallel) // tensor_parallel * elem
-    return int(budget_bytes // per_seq)
+def rollout_rows(args: Qwen25VLArgs, layout: ParallelLayout, elem: int, *, max_batch: int,
+                 kv_cache_fraction: Optional[float], prompt_tokens: int, response_tokens: int,
+                 device_bytes: Optional[float]) -> int:
+    """Sequences the megatron engine generates at once on ``layout``: ``max_batch``, or fewer where
+    their KV cache and prefill logits would not fit ``kv_cache_fraction`` of ``device_bytes``; at
+    least one. Every pipeline stage must cut the same batches, so the deepest stage, counted with
+    the last stage's logits, decides."""
+    if not kv_cache_fraction or device_bytes is None:
+        return max_batch
+    tp = layout.tensor_parallel
+    per_seq = kv_bytes_per_token(args, tp, max(stage_layers(args, layout)), elem) * (prompt_tokens + response_tokens)
+    per_seq += prompt_tokens * args.padded_vocab_size(tp) // tp * elem
+    return max(1, min(max_batch, int(kv_cache_fraction * device_bytes // per_seq)))
 
 
 def _rollout(args: Qwen25VLArgs, layout: ParallelLayout, stage: int, r: RolloutSettings, elem: int,
@@ -122,18 +128,19 @@ def _rollout(args: Qwen25VLArgs, layout: ParallelLayout, stage: int, r: RolloutS
     if r.engine == "vllm":  # its own TP copy, awake only while generating (sleep mode otherwise)
         return {"vllm": r.gpu_memory_utilization * gpu_bytes}, r.max_batch
     if r.engine == "hf":  # a whole transformers model on every rank
-        tp, layers, weights = 1, args.num_layers, rank_params(args, ParallelLayout(), 0).held * elem
-        last = True
+        engine_layout = ParallelLayout()
     elif r.tensor_parallel:  # a TP=N copy of the whole model, refit after each update
-        tp, layers = int(r.tensor_parallel), args.num_layers
-        weights, last = rank_params(args, ParallelLayout(tensor_parallel=tp), 0).held * elem, True
+        engine_layout = ParallelLayout(tensor_parallel=int(r.tensor_parallel))
     else:  # the policy's own weights
-        tp, layers, weights = layout.tensor_parallel, stage_layers(args, layout)[stage], 0
-    batch = r.max_batch
-    if r.kv_cache_fraction:
-        batch = min(batch, rollout_batch_limit(args, tp, layers, elem, prompt_tokens=r.max_prompt_tokens,
-                                               response_tokens=r.max_response_tokens,
-                                               budget_bytes=r.kv_cache_fraction * gpu_bytes))
+        engine_layout = layout
+    if engine_layout is layout:
+        layers, weights = stage_layers(args, layout)[stage], 0
+    else:
+        layers, weights, last = args.num_layers, rank_params(args, engine_layout, 0).held * elem, True
+    tp = engine_layout.tensor_parallel
+    batch = rollout_rows(args, engine_layout, elem, max_batch=r.max_batch, kv_cache_fraction=r.kv_cache_fraction,
+                         prompt_tokens=r.max_prompt_tokens, response_tokens=r.max_response_tokens,
+                         device_bytes=gpu_bytes)
     vocab = args.padded_vocab_size(tp) // tp
     return {"rollout_weights": weights,
             "kv_cache": batch * seq * kv_bytes_per_token(args, tp, layers, elem),

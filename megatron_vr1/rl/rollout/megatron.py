@@ -193,17 +193,12 @@ class MegatronEngine(RolloutEngine):
     def rows_per_batch(self, prompt_tokens: int, new_tokens: int) -> int:
         """``max_batch``, or fewer where ``kv_cache_fraction`` of the accelerator's memory would not
         hold their KV cache and prefill logits (the planner's own formula); at least one."""
-        budget = platform.device_memory_bytes()
-        if not self.kv_cache_fraction or budget is None:
-            return self.max_batch
-        from ...planning import rollout_batch_limit, stage_layers
+        from ...planning import rollout_rows
 
-        # every stage must cut the same batches: plan for the deepest stage, with the logits
         model = self.model
-        fits = rollout_batch_limit(self.args, model.layout.tensor_parallel, max(stage_layers(self.args, model.layout)),
-                                   model.config.params_dtype.itemsize, prompt_tokens=prompt_tokens,
-                                   response_tokens=new_tokens, budget_bytes=self.kv_cache_fraction * budget)
-        return max(1, min(self.max_batch, fits))
+        return rollout_rows(self.args, model.layout, model.config.params_dtype.itemsize, max_batch=self.max_batch,
+                            kv_cache_fraction=self.kv_cache_fraction, prompt_tokens=prompt_tokens,
+                            response_tokens=new_tokens, device_bytes=platform.device_memory_bytes())
 
     def _batch(self, samples: list[Sample], sampling: MegatronSampling, params: SamplingParams) -> list[Completion]:
         requests = OrderedDict(
