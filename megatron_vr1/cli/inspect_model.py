@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from ..config import CONF_DIR, model_from_conf
 from ..models.qwen2_5_vl.parallel import parameter_counts_by_rank
+from ..planning import stage_layers
 
 # bf16 weight (2) + fp32 main grad (4) per rank; fp32 master + Adam m, v (12) sharded over DP.
 _REPLICATED_BYTES, _SHARDED_BYTES = 6, 12
@@ -22,14 +23,7 @@ def report(model_cfg: DictConfig, data_parallel: int = 1) -> str:
     tp, pp = layout.tensor_parallel, layout.pipeline_parallel
     lines = [f"{model_cfg.get('name', 'model')}: TP={tp} x PP={pp}, "
              f"{args.num_layers} LM layers, ViT on stage 0"]
-    first = layout.num_layers_in_first_pipeline_stage
-    for stage in range(pp):
-        if pp == 1:
-            layers = args.num_layers
-        elif first is None:
-            layers = args.num_layers // pp
-        else:
-            layers = first if stage == 0 else (args.num_layers - first) // (pp - 1)
+    for stage, layers in enumerate(stage_layers(args, layout)):
         stage_counts = counts[stage * tp:(stage + 1) * tp]  # megatron orders ranks TP-fastest
         per_rank = max(stage_counts)
         mem = per_rank * (_REPLICATED_BYTES + _SHARDED_BYTES / data_parallel) / 2**30

@@ -23,10 +23,6 @@ class RankParams:
     vision: int  # of ``held``, the ViT's (patch embedding, blocks, merger)
     lm_layers: int  # LM decoder layers on this stage
 
-    @property
-    def language(self) -> int:
-        return self.held - self.vision
-
 
 def stage_layers(args: Qwen25VLArgs, layout: ParallelLayout) -> list[int]:
     """LM layers on each pipeline stage (the first one also carries the ViT)."""

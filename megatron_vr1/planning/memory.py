@@ -200,14 +200,14 @@ def search(args: Qwen25VLArgs, settings: PlanSettings, *, gpu_counts: list[int],
     found = []
     for gpus in sorted(gpu_counts):
         for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node):
+            try:
+                args.check_parallel(tp, 1)
+            except ConfigError:
+                continue
             for pp in range(1, args.num_layers + 1):
                 if gpus % (tp * pp):
                     continue
                 layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=tp > 1)
-                try:
-                    args.check_parallel(tp, 1)
-                except ConfigError:
-                    continue
                 for recompute in RECOMPUTE:
                     s = replace(settings, gpus=gpus, activation=replace(settings.activation, recompute=recompute))
                     try:

@@ -115,19 +115,13 @@ def format_search(found: list[Plan], name: str) -> str:
 
 def meta_params(args: Qwen25VLArgs, layout: ParallelLayout) -> list[list[RankParams]]:
     """Every rank's stage built on the meta device: ``[stage][tp_rank]`` parameter counts."""
-    from megatron.core import parallel_state
+    from ..models.qwen2_5_vl.parallel import meta_stages, unique_parameter_count
 
-    from ..models.qwen2_5_vl.parallel import meta_stage, unique_parameter_count
-
-    layout = replace(layout, context_parallel=1)
     out: list[list[RankParams]] = [[] for _ in range(layout.pipeline_parallel)]
-    for rank in range(layout.world_size):  # megatron orders ranks TP-fastest
-        with meta_stage(args, layout, rank) as model:
-            held = sum(p.numel() for p in model.parameters())
-            vision = sum(p.numel() for p in model.vision.parameters()) if model.vision is not None else 0
-            unique = unique_parameter_count(model, parallel_state.get_tensor_model_parallel_rank())
-            out[parallel_state.get_pipeline_model_parallel_rank()].append(
-                RankParams(held, unique, vision, len(model.language_model.decoder.layers)))
+    for model, stage, tp_rank in meta_stages(args, layout):  # TP ranks come in order within a stage
+        vision = sum(p.numel() for p in model.vision.parameters()) if model.vision is not None else 0
+        out[stage].append(RankParams(sum(p.numel() for p in model.parameters()), unique_parameter_count(model, tp_rank),
+                                     vision, len(model.language_model.decoder.layers)))
     return out
 
 

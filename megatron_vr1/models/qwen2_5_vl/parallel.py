@@ -77,22 +77,28 @@ def meta_stage(args, layout: ParallelLayout, rank: int, dtype: torch.dtype = tor
         yield build_model(args, layout, backend="local", dtype=dtype, config_overrides=META_BUILD_OVERRIDES)
 
 
+def meta_stages(args, layout: ParallelLayout, dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple]:
+    """``(model, pipeline stage, tensor-parallel rank)`` for every rank of one replica, in
+    megatron-core's rank order, each built on the meta device (context-parallel ranks repeat
+    these). Each model is valid only until the next one is built."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+
+    layout = replace(layout, context_parallel=1)
+    for rank in range(layout.world_size):
+        with meta_stage(args, layout, rank, dtype) as model:
+            yield (model, parallel_state.get_pipeline_model_parallel_rank(),
+                   parallel_state.get_tensor_model_parallel_rank())
+
+
 def parameter_counts_by_rank(args, layout: ParallelLayout, dtype: torch.dtype = torch.bfloat16) -> list[int]:
     """For every rank of the job, the parameters it contributes (see :func:`unique_parameter_count`).
 
     Each rank's stage is built on the meta device under a fake process group, so this runs
     for 72B at TP=8 x PP=4 on a laptop; the sum equals the Hugging Face model's count.
     """
-    from dataclasses import replace
-
-    from megatron.core import parallel_state
-
-    layout = replace(layout, context_parallel=1)  # context-parallel ranks repeat these
-    counts = []
-    for rank in range(layout.world_size):
-        with meta_stage(args, layout, rank, dtype) as model:
-            counts.append(unique_parameter_count(model, parallel_state.get_tensor_model_parallel_rank()))
-    return counts
+    return [unique_parameter_count(model, tp_rank) for model, _, tp_rank in meta_stages(args, layout, dtype)]
 
 
 def unique_parameter_count(model, tp_rank: int) -> int:
