@@ -225,6 +225,10 @@ def test_plan_cli_exit_status_says_fits_or_not():
         assert word in tight.stdout
     wrong = _run("tools/plan.py", "recipe=sft_72b", "gpus=12")
     assert wrong.returncode == 2 and "use a multiple of 32" in wrong.stderr
+    entry = _run("tools/plan.py", "entry=megatron_vr1.demo")
+    assert entry.returncode == 2 and "entry='megatron_vr1.demo': choose one of" in entry.stderr
+    unknown = _run("tools/plan.py", "train.no_such_option=1")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("plan: error:") and "no_such_option" in unknown.stderr
 
 
 def test_search_lists_layouts_that_fit():

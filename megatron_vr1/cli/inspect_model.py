@@ -6,6 +6,8 @@ parameters per rank (summing to the Hugging Face count) and training-state memor
 
 from __future__ import annotations
 
+from ..training import quiet  # noqa: F401  (first: before megatron-core is imported)
+
 import hydra
 from omegaconf import DictConfig
 
