@@ -43,7 +43,7 @@ def settings_from_conf(cfg: DictConfig,
         options = OmegaConf.to_container(rl.engine_options, resolve=True) or {}
         rollout = RolloutSettings(
             engine=str(rl.engine), tensor_parallel=options.get("tensor_parallel"),
-            max_batch=int(options.get("max_num_seqs", rl.rollout.max_batch)),
+            max_batch=int(rl.rollout.max_batch),
             max_prompt_tokens=int(cfg.data.max_prompt_tokens),
             max_response_tokens=max(int(s.max_response_tokens) for s in rl.stages),
             kv_cache_fraction=options.get("kv_cache_fraction"),
