@@ -81,7 +81,9 @@ class LossSum(NamedTuple):
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, *, mode: str = "token-mean",
                    cu_seqlens: Optional[torch.Tensor] = None,
-                   max_response_length: Optional[int] = None) -> LossSum:
+                   max_response_length: Optional[int] = None,
+                   sequence_tokens: Optional[torch.Tensor] = None,
+                   count_sequences: bool = True) -> LossSum:
     """Per-token losses of one micro-batch -> ``LossSum(total, count)`` (fp32 scalars).
 
     Sum ``total`` and ``count`` over every micro-batch and data-parallel rank of the (mini-)batch,
@@ -93,6 +95,11 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, *, mode: str = "
     padding, in no sequence), or without it each row of a ``[B, S]`` batch (a 1-D input is one
     sequence). Dr.GRPO counts every sequence given, empty or fully masked ones too. No host
     synchronisation.
+
+    When each sequence is split over ranks (context parallelism), every rank passes its share
+    with ``sequence_tokens`` (each whole sequence's unmasked tokens, the per-sequence means'
+    denominators) and exactly one rank ``count_sequences``: the sums over ranks are then the
+    whole batch's.
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"mode must be one of {AGGREGATIONS}, got {mode!r}")
@@ -116,8 +123,15 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, *, mode: str = "
         n_seq = rows.shape[0]
         seq = torch.arange(n_seq, device=device).repeat_interleave(rows.shape[1])
     sums = torch.zeros(n_seq + 1, device=device).index_add_(0, seq, masked.reshape(-1))[:n_seq]
+    counted = 1.0 if count_sequences else 0.0
     if mode == "dr-grpo":
-        return LossSum(sums.sum(), torch.tensor(float(n_seq * max_response_length), device=device))
-    counts = torch.zeros(n_seq + 1, device=device).index_add_(0, seq, m.reshape(-1))[:n_seq]
+        return LossSum(sums.sum(), torch.tensor(counted * n_seq * max_response_length, device=device))
+    if sequence_tokens is not None:
+        if sequence_tokens.shape != (n_seq,):
+            raise ValueError(f"sequence_tokens must hold one count per sequence ({n_seq}), "
+                             f"got {list(sequence_tokens.shape)}")
+        counts = sequence_tokens.to(device=device, dtype=torch.float32)
+    else:
+        counts = torch.zeros(n_seq + 1, device=device).index_add_(0, seq, m.reshape(-1))[:n_seq]
     has = counts > 0
-    return LossSum(torch.where(has, sums / counts.clamp(min=1), 0.0).sum(), has.float().sum())
+    return LossSum(torch.where(has, sums / counts.clamp(min=1), 0.0).sum(), has.float().sum() * counted)

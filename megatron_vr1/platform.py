@@ -203,12 +203,14 @@ def init_distributed(
             timeout=timedelta(minutes=timeout_minutes),
         )
     world = torch.distributed.get_world_size()
-    if world % (tensor_parallel * pipeline_parallel):
+    context_parallel = int(model_parallel_kwargs.get("context_parallel_size", 1))
+    replica = tensor_parallel * context_parallel * pipeline_parallel
+    if world % replica:
         from .errors import UsageError
 
         raise UsageError(
-            f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x "
-            f"pipeline_parallel ({pipeline_parallel}): launch a multiple of {tensor_parallel * pipeline_parallel} "
+            f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x context_parallel "
+            f"({context_parallel}) x pipeline_parallel ({pipeline_parallel}): launch a multiple of {replica} "
             f"processes or change model.parallel"
         )
     if parallel_state.model_parallel_is_initialized():

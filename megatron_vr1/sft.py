@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from . import platform
 from .config import CONF_DIR
-from .data import GlobalBatchLoader, SFTDataset, packed_batch
+from .data import GlobalBatchLoader, SFTDataset
 from .errors import UsageError
 from .training import flops
 from .training.metrics import MetricsLog
@@ -73,7 +73,8 @@ def run(cfg: DictConfig) -> None:
     if par.is_writer:
         origin = f"resumed from {resume}" if resume else (f"from {cfg.init_from}" if cfg.init_from else "random init")
         print(f"sft: {len(dataset)} records, {total_steps} steps of {train.global_batch_size}, "
-              f"TP={par.layout.tensor_parallel} PP={par.layout.pipeline_parallel} DP={par.dp_size}, {origin}",
+              f"TP={par.layout.tensor_parallel} CP={par.layout.context_parallel} PP={par.layout.pipeline_parallel} "
+              f"DP={par.dp_size}, {origin}",
               flush=True)
     stop = StopRequest()
     profiler = StepProfiler(cfg.metrics.get("profile_step"), Path(cfg.checkpoint.dir) / "profile", par.is_writer)
@@ -86,15 +87,16 @@ def run(cfg: DictConfig) -> None:
         while step < total_steps:
             start = time.perf_counter()
             data = loader.next_step()
-            batches = [packed_batch(mb, par.args, pad_to_multiple_of=par.pad_to, pad_id=pad_id).to(
-                device, non_blocking=True) for mb in data.micro_batches]
+            batches = [par.shard(par.pack(mb, pad_id=pad_id)).to(device, non_blocking=True)
+                       for mb in data.micro_batches]
             loaded = time.perf_counter()
             with profiler(step + 1):
                 result = train_step(ddp, optimizer, scheduler, batches, objective)
             step += 1
             elapsed = time.perf_counter() - start
-            counts = torch.tensor([len(data.skipped), 0.0], device=device)
-            if peak:
+            # every rank of a replica sees its records: its first rank counts them
+            counts = torch.tensor([len(data.skipped) if par.replica_leader else 0, 0.0], device=device)
+            if peak and par.replica_leader:
                 counts[1] = flops.train_flops(par.args, [len(s) for mb in data.micro_batches for s in mb],
                                               [g.tolist() for mb in data.micro_batches for s in mb
                                                for g in s.image_grid_thw], vision_trained=trains_vision)

@@ -157,7 +157,12 @@ def test_optimizer_state_shards_over_data_parallel_and_context_parallel_splits_t
     assert one.stages[0].bytes["optimizer"] == held * 12 and four.stages[0].bytes["optimizer"] == held * 3
     assert one.stages[0].bytes["weights"] == held * 2 and one.stages[0].bytes["grads"] == held * 4
     cp2 = plan(args, ParallelLayout(2, 1, sequence_parallel=True, context_parallel=2), _settings(gpus=4))
-    assert cp2.stages[0].bytes["activations"] < 0.6 * one.stages[0].bytes["activations"]
+    assert cp2.stages[0].bytes["activations"] < 0.65 * one.stages[0].bytes["activations"]
+    settings = _settings(gpus=2).activation
+    whole, half = (stage_bytes(args, ParallelLayout(2, 1, sequence_parallel=True, context_parallel=cp), 0, 28,
+                               settings) for cp in (1, 2))
+    assert half["vision"] == whole["vision"]  # every context-parallel rank runs the ViT on all the images
+    assert 0.5 * whole["layers"] < half["layers"] < 0.55 * whole["layers"]  # half the tokens, all the keys
     assert cp2.stages[0].bytes["optimizer"] == held * 6  # the distributed optimizer shards over DP x CP
     with pytest.raises(ValueError, match="whole replicas"):
         plan(args, layout, _settings(gpus=3))
@@ -259,14 +264,15 @@ def test_dry_run_of_the_72b_recipe_prints_every_stage_and_the_verdict():
     assert not (ROOT / "y").exists()
 
 
-def test_context_parallel_on_cpu_is_a_clear_error():
+def test_context_parallel_with_transformer_engine_is_a_clear_error():
     from megatron_vr1.errors import UsageError
     from megatron_vr1.training.setup import check_context_parallel
 
-    check_context_parallel(1, "local")
-    with pytest.raises(UsageError, match=r"context_parallel=2 needs Transformer Engine attention on GPUs .*"
-                                         r"no GPU: set model.parallel.context_parallel=1"):
-        check_context_parallel(2, "local")
+    check_context_parallel(1, "te")
+    check_context_parallel(2, "local")
+    with pytest.raises(UsageError, match=r"context_parallel=2 runs with the local layer spec; the 'te' backend's "
+                                         r"context-parallel attention is not wired in: set backend=local"):
+        check_context_parallel(2, "te")
 
 
 def test_full_recompute_of_the_vit_and_lm_gives_the_same_gradients(model_parallel_1):

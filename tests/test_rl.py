@@ -95,7 +95,7 @@ def test_grpo_raises_the_reward_and_switches_stage(tmp_path, colour_task, toy_to
 
 
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["model.parallel.tensor_parallel=2", "model.parallel.sequence_parallel=true"]),
-           "pp2": (2, ["model.parallel.pipeline_parallel=2"])}
+           "pp2": (2, ["model.parallel.pipeline_parallel=2"]), "cp2": (2, ["model.parallel.context_parallel=2"])}
 
 
 @pytest.fixture(scope="session")
@@ -110,14 +110,18 @@ def rl_references(tmp_path_factory, colour_task, toy_tokenizer_dir):
 
 
 
-def test_tp2_and_pp2_give_the_single_process_losses_and_rewards(rl_references):
+def test_tp2_pp2_and_cp2_give_the_single_process_losses_and_rewards(rl_references):
+    """Context parallelism too: each rank holds half of every sequence (padded for the split),
+    the hf engine's rollouts are shared from its first rank, and the loss is the whole batch's."""
     base = metrics(rl_references["tp1"])
     assert [x["stage"] for x in base] == [1, 1, 2, 2]
-    for name in ("tp2", "pp2"):
+    for name in ("tp2", "pp2", "cp2"):
         got = metrics(rl_references[name])
         assert [x["reward_mean"] for x in got] == [x["reward_mean"] for x in base], name
         assert [x["loss"] for x in got] == pytest.approx([x["loss"] for x in base], rel=RTOL, abs=1e-7), name
         assert [x["response_length_mean"] for x in got] == [x["response_length_mean"] for x in base], name
+        for key in ("kl", "entropy", "clip_frac"):
+            assert [x[key] for x in got] == pytest.approx([x[key] for x in base], rel=1e-4, abs=1e-7), (name, key)
 
 
 def test_two_nodes_through_the_launch_script_give_the_single_node_grpo_step(tmp_path, rl_references, colour_task,
@@ -193,7 +197,8 @@ def test_resume_after_sigkill_mid_stage(tmp_path, rl_references, colour_task, to
     (["rl.micro_batch_tokens=64"], "must hold a prompt and a full response"),
     (["rl.engine=sglang"], "rl.engine must be hf, megatron or vllm"),
     (["rl.stages=[{max_response_tokens: 8, steps: 1}]"], r"rl.stages\[0\] needs group_size"),
-], ids=["micro-batch-too-small", "unknown-engine", "stage-missing-key"])
+    (["rl.engine=megatron", "model.parallel.context_parallel=2"], r"context_parallel=2 use rl.engine=hf"),
+], ids=["micro-batch-too-small", "unknown-engine", "stage-missing-key", "engine-under-context-parallelism"])
 def test_bad_rl_input_is_one_clear_line(tmp_path, colour_task, toy_tokenizer_dir, overrides, message):
     import re
 

@@ -87,7 +87,8 @@ def demo_with_tokenizer(demo, toy_tokenizer_dir):
 
 
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["model.parallel.tensor_parallel=2", "model.parallel.sequence_parallel=true"]),
-           "pp2": (2, ["model.parallel.pipeline_parallel=2"]), "dp2": (2, [])}
+           "pp2": (2, ["model.parallel.pipeline_parallel=2"]), "dp2": (2, []),
+           "cp2": (2, ["model.parallel.context_parallel=2"])}
 
 
 @pytest.fixture(scope="session")
@@ -127,18 +128,36 @@ def test_the_launch_script_refuses_a_world_size_the_layout_does_not_fit(tmp_path
 
 
 def test_losses_are_the_same_at_every_layout(reference_runs):
-    """Same seed, data and initial weights: TP=2 with sequence parallelism, PP=2 and DP=2 (each with
-    several micro-batches per step) train exactly like one process."""
+    """Same seed, data and initial weights: TP=2 with sequence parallelism, PP=2, DP=2 and CP=2
+    (each with several micro-batches per step) train exactly like one process."""
     base = losses(reference_runs["tp1"])
     assert len(base) == 4 and base[-1] < base[0]
-    for name in ("tp2", "pp2", "dp2"):
+    for name in ("tp2", "pp2", "dp2", "cp2"):
         assert losses(reference_runs[name]) == pytest.approx(base, rel=RTOL), name
+    for name in LAYOUTS:  # records are counted once per replica, whatever its layout
+        metrics = [json.loads(line) for line in (reference_runs[name] / "metrics.jsonl").read_text().splitlines()]
+        assert sum(m["samples"] for m in metrics) == 32, name
+        assert [m["loss_tokens"] for m in metrics] == [
+            json.loads(line)["loss_tokens"] for line in (reference_runs["tp1"] / "metrics.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (reference_runs["dp2"] / "metrics.jsonl").read_text().splitlines()]
     for key in ("grad_norm", "lr", "loss_tokens", "tokens_per_s", "time_data", "time_forward_backward",
                 "time_optimizer"):
         assert all(key in m for m in metrics), key
-    assert sum(m["samples"] for m in metrics) == 32
     assert [m["lr"] for m in metrics[:2]] == pytest.approx([0.0, 1e-3])  # one warmup step from 0
+
+
+def test_a_context_parallel_run_resumes_from_its_checkpoint(tmp_path, reference_runs, demo_with_tokenizer, init_ckpt):
+    """CP=2 shards the distributed optimizer over data- and context-parallel ranks: resumed from
+    its step-2 checkpoint, it trains steps 3 and 4 as the uninterrupted run did."""
+    import shutil
+
+    run_dir = tmp_path / "cp2"
+    run_dir.mkdir()
+    shutil.copytree(reference_runs["cp2"] / "iter_0000002", run_dir / "iter_0000002")
+    (run_dir / "metrics.jsonl").write_text("".join(
+        (reference_runs["cp2"] / "metrics.jsonl").read_text().splitlines(keepends=True)[:2]))
+    sft(run_dir, 2, *common(demo_with_tokenizer, init_ckpt, *LAYOUTS["cp2"][1]))
+    assert losses(run_dir) == pytest.approx(losses(reference_runs["cp2"]), rel=RTOL)
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
@@ -275,8 +294,9 @@ def test_bad_input_is_one_clear_line(tmp_path, demo_with_tokenizer, init_ckpt, o
 
 def test_too_long_records_are_skipped_and_counted_when_asked(tmp_path, demo_with_tokenizer, init_ckpt):
     run_dir = tmp_path / "run"
-    sft(run_dir, 1, *common(demo_with_tokenizer, init_ckpt, "train.steps=2", "data.max_tokens=160",
-                            "data.skip_bad_samples=true"))
+    # at TP=2 both ranks of the replica see the skips; they are counted once
+    sft(run_dir, 2, *common(demo_with_tokenizer, init_ckpt, "train.steps=2", "data.max_tokens=160",
+                            "data.skip_bad_samples=true", *LAYOUTS["tp2"][1]))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(m["skipped"] for m in metrics) > 0
     assert all(m["samples"] + m["skipped"] == 8 for m in metrics)

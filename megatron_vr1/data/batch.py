@@ -8,6 +8,9 @@ tokens sit and the ViT's window layout. The model and the kernels then run witho
 
     batch = packed_batch(samples, args, pad_to_multiple_of=tp).to(device)
     logits = model(**batch.model_inputs())                     # [1, T, V/TP]
+
+Under context parallelism every rank builds the whole micro-batch with ``sequence_multiple=2 * cp``
+and keeps its share: ``batch.context_shard(cp, cp_rank)``.
     loss, _, _ = grpo_loss(logits, batch.labels, ..., batch.loss_mask, tp_group=tp_group)
     part = aggregate_loss(loss, batch.loss_mask, cu_seqlens=batch.cu_seqlens)
 """
@@ -21,11 +24,26 @@ from typing import Optional, Sequence
 import torch
 
 from ..kernels.packed import IGNORE_INDEX, shift_labels
+from ..models.common.context_parallel import shard_rows
 from ..models.qwen2_5_vl.args import Qwen25VLArgs
 from ..models.qwen2_5_vl.positions import ImageTokenError, VisionLayout, vision_layout
 from .template import Sample
 
 _HOST_FIELDS = ("image_grid_thw",)  # metadata the host reads; never moved to the device
+
+
+@dataclass(frozen=True)
+class ContextShard:
+    """What a context-parallel rank's share of a micro-batch knows of the whole."""
+
+    size: int
+    rank: int
+    bounds: tuple  # the whole micro-batch's sequence boundaries, padding block included (attention's view)
+    sequence_loss_tokens: torch.Tensor  # [n] float: loss tokens of each sequence over every rank's share
+
+    def to(self, device, non_blocking: bool = False) -> "ContextShard":
+        return dataclasses.replace(self, sequence_loss_tokens=self.sequence_loss_tokens.to(
+            device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -37,13 +55,17 @@ class Batch:
     loss_mask: torch.Tensor  # [B, S] bool: labels != IGNORE_INDEX
     position_ids: torch.Tensor  # [3, B, S] M-RoPE ids (padding: 0, 1, 2, ... per padding block)
     lengths: list[int] = field(default_factory=list)  # real tokens of each sequence, in order
-    cu_seqlens: Optional[torch.Tensor] = None  # packed: int32 [n + 1]; rows past the last are padding
+    # packed: rows each sequence occupies (its tokens, then padding up to packed_batch's sequence_multiple)
+    blocks: list[int] = field(default_factory=list)
+    cu_seqlens: Optional[torch.Tensor] = None  # packed: int32 [n + 1] of blocks; rows past the last are padding
     attention_mask: Optional[torch.Tensor] = None  # padded: [B, S] 1 on real tokens
     pixel_values: Optional[torch.Tensor] = None  # [patches, 1176] or None without images
     image_grid_thw: Optional[torch.Tensor] = None  # [images, 3], on the host
     image_positions: Optional[torch.Tensor] = None  # flat (batch-major) indices of the image tokens
     vision: Optional[VisionLayout] = None  # the ViT's layout of these images
     extras: dict = field(default_factory=dict)  # per-token tensors [B, S] a trainer attaches (advantages, ...)
+    image_feature_index: Optional[torch.Tensor] = None  # context shard: the ViT feature each image token takes
+    context: Optional[ContextShard] = None  # set on a context-parallel rank's share (context_shard)
 
     @property
     def packed(self) -> bool:
@@ -63,40 +85,89 @@ class Batch:
         """One value per sequence (e.g. its advantage) spread over its tokens: ``[B, S]``, 0 on padding."""
         if per_sequence.shape != (self.num_sequences,):
             raise ValueError(f"expected one value per sequence ({self.num_sequences}), got {list(per_sequence.shape)}")
+        if self.context is not None:
+            raise ValueError("per_token needs the whole micro-batch: attach per-token values before context_shard")
         out = torch.zeros(self.input_ids.shape, dtype=per_sequence.dtype, device=per_sequence.device)
         if self.packed:
-            n = self.num_sequences
+            n, rows = self.num_sequences, sum(self.blocks)
             if self.cu_seqlens.device == per_sequence.device:  # on the device: no host copy, no sync
-                lengths = (self.cu_seqlens[1:n + 1] - self.cu_seqlens[:n]).long()
+                blocks = (self.cu_seqlens[1:n + 1] - self.cu_seqlens[:n]).long()
             else:
-                lengths = torch.tensor(self.lengths, dtype=torch.long).to(per_sequence.device)
-            out[0, :self.num_tokens] = per_sequence.repeat_interleave(lengths, output_size=self.num_tokens)
+                blocks = torch.tensor(self.blocks, dtype=torch.long).to(per_sequence.device)
+            out[0, :rows] = per_sequence.repeat_interleave(blocks, output_size=rows)
+            if rows > self.num_tokens:  # sequences padded for context parallelism: 0 on their padding
+                out[0, :rows] *= self._real_rows().to(out.device, non_blocking=True)
             return out
         return torch.where(self.attention_mask.bool(), per_sequence[:, None], out)
 
+    def _real_rows(self) -> torch.Tensor:
+        """[rows of the blocks] bool on the host: True on each sequence's own tokens."""
+        return torch.cat([torch.arange(b) < n for n, b in zip(self.lengths, self.blocks)]) if self.blocks \
+            else torch.zeros(0, dtype=torch.bool)
+
+    def sequence_bounds(self) -> list[int]:
+        """Row boundaries of the sequences and, if any, of the padding block after them (its own
+        sequence, so that attention never mixes it with real tokens)."""
+        if not self.packed:
+            raise ValueError("a padded [B, S] batch has no packed sequences")
+        bounds = [0]
+        for n in self.blocks:
+            bounds.append(bounds[-1] + n)
+        if self.input_ids.shape[1] > bounds[-1]:
+            bounds.append(self.input_ids.shape[1])
+        return bounds
+
     def packed_seq_params(self):
-        """megatron-core's ``PackedSeqParams`` (THD); the padding block, if any, is its own sequence
-        so that attention never mixes it with real tokens."""
+        """megatron-core's ``PackedSeqParams`` (THD) over :meth:`sequence_bounds`. A context shard's
+        are the whole micro-batch's, as Transformer Engine's context-parallel attention takes them."""
         from ..models.common.attention import packed_seq_params
 
-        if not self.packed:
-            raise ValueError("a padded [B, S] batch has no packed-sequence parameters")
-        total, real = self.input_ids.shape[1], self.num_tokens
-        cu = self.cu_seqlens
-        bounds = [0]
-        for n in self.lengths:
-            bounds.append(bounds[-1] + n)
-        if total > real:
-            cu = torch.cat([cu, cu.new_full((1,), total)])
-            bounds.append(total)
-        longest = max(self.lengths + [total - real])
-        return packed_seq_params(cu, bounds, longest)
+        bounds = list(self.context.bounds) if self.context is not None else self.sequence_bounds()
+        cu = torch.tensor(bounds, dtype=torch.int32).to(self.cu_seqlens.device, non_blocking=True)
+        return packed_seq_params(cu, bounds, max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+
+    def context_shard(self, size: int, rank: int) -> "Batch":
+        """This context-parallel rank's share of a packed micro-batch, built on the host: two chunks
+        of every sequence (``models.common.context_parallel``), per-token tensors and ``extras``
+        alike; the images stay whole (every rank runs the ViT on them and keeps its tokens'
+        features). Loss sums over the shares are the whole batch's."""
+        if size == 1:
+            return self
+        if not self.packed or self.context is not None:
+            raise ValueError("context_shard takes a whole packed micro-batch")
+        bounds = self.sequence_bounds()
+        rows = torch.tensor(shard_rows(bounds, size, rank), dtype=torch.long)
+        take = lambda t: t.index_select(-1, rows.to(t.device))  # noqa: E731  (the token axis is last)
+        n = self.num_sequences
+        cu = torch.tensor([0] + self.blocks, dtype=torch.long).cumsum(0)
+        seq_of_row = torch.bucketize(torch.arange(bounds[-1]), cu[1:], right=True)  # n on the padding block
+        loss_tokens = torch.zeros(n + 1).index_add_(0, seq_of_row, self.loss_mask[0].cpu().float())[:n]
+        real = torch.cat([self._real_rows(), torch.zeros(bounds[-1] - sum(self.blocks), dtype=torch.bool)])
+        local_seq, local_real = seq_of_row[rows], real[rows]
+        lengths = torch.zeros(n + 1, dtype=torch.long).index_add_(0, local_seq, local_real.long())[:n].tolist()
+        feature_index = positions = None
+        if self.image_positions is not None:
+            feature = torch.full((bounds[-1],), -1, dtype=torch.long)
+            feature[self.image_positions.cpu()] = torch.arange(self.image_positions.numel())
+            local = feature[rows]
+            positions = (local >= 0).nonzero()[:, 0]
+            feature_index = local[positions]
+        blocks = [b // size for b in self.blocks]
+        return dataclasses.replace(
+            self, input_ids=take(self.input_ids), labels=take(self.labels), loss_mask=take(self.loss_mask),
+            position_ids=take(self.position_ids), lengths=lengths, blocks=blocks,
+            cu_seqlens=torch.tensor([0] + blocks, dtype=torch.int64).cumsum(0).to(torch.int32),
+            image_positions=positions, image_feature_index=feature_index,
+            extras={k: take(v) for k, v in self.extras.items()},
+            context=ContextShard(size, rank, tuple(bounds), loss_tokens))
 
     def model_inputs(self, *, with_labels: bool = False) -> dict:
         """Keyword arguments of :class:`~megatron_vr1.models.qwen2_5_vl.Qwen25VLModel`'s forward."""
         kwargs = dict(input_ids=self.input_ids, position_ids=self.position_ids, pixel_values=self.pixel_values,
                       image_grid_thw=self.image_grid_thw, image_positions=self.image_positions,
                       vision_layout=self.vision)
+        if self.image_feature_index is not None:
+            kwargs["image_feature_index"] = self.image_feature_index
         if self.packed:
             kwargs["packed_seq_params"] = self.packed_seq_params()
         else:
@@ -131,28 +202,42 @@ class Batch:
 
 
 def packed_batch(samples: Sequence[Sample], args: Optional[Qwen25VLArgs] = None, *, pad_to_multiple_of: int = 1,
-                 pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> Batch:
+                 sequence_multiple: int = 1, pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> Batch:
     """Samples back to back in one THD micro-batch ``[1, T]``, each with its own positions.
 
-    ``T`` is padded up to a multiple of ``pad_to_multiple_of`` (tensor x context parallel size:
-    sequence parallelism splits the tokens evenly) with a padding block of ``pad_id`` tokens that
-    is never a label. No samples give a fully masked batch of one padding block, so a rank with
-    nothing to do runs the same schedule as the others. With ``args`` the image-token positions
-    and the ViT layout are computed here, on the host.
+    Each sample's block is padded to a multiple of ``sequence_multiple`` (``2 x`` the context
+    parallel size, whose ranks take equal chunks of every sequence) and ``T`` up to a multiple of
+    ``pad_to_multiple_of`` (``sequence_multiple`` x tensor parallel size under sequence
+    parallelism) with a padding block; padding is ``pad_id`` tokens that are never labels. No
+    samples give a fully masked batch of one padding block, so a rank with nothing to do runs the
+    same schedule as the others. With ``args`` the image-token positions and the ViT layout are
+    computed here, on the host.
     """
-    if pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("sequence_multiple", sequence_multiple)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if pad_to_multiple_of % sequence_multiple:
+        raise ValueError(f"pad_to_multiple_of ({pad_to_multiple_of}) must be a multiple of sequence_multiple "
+                         f"({sequence_multiple}): the padding block is split like a sequence")
     lengths = [len(s) for s in samples]
-    real = sum(lengths)
+    blocks = [-(-n // sequence_multiple) * sequence_multiple for n in lengths]
+    real = sum(blocks)
     total = max(-(-real // pad_to_multiple_of) * pad_to_multiple_of, pad_to_multiple_of if not real else 0)
+    ids, targets, positions = [], [], []
+    for s, block in zip(samples, blocks):
+        tail = block - len(s)  # after the sequence's own tokens: causal attention keeps them out of its rows
+        start = int(s.position_ids.max()) + 1 if len(s) else 0
+        ids += [s.input_ids, torch.full((tail,), pad_id, dtype=torch.long)]
+        targets += [s.loss_mask.bool(), torch.zeros(tail, dtype=torch.bool)]
+        positions += [s.position_ids, torch.arange(start, start + tail).expand(3, tail)]
     pad = total - real
-    ids = torch.cat([s.input_ids for s in samples] + [torch.full((pad,), pad_id, dtype=torch.long)])
-    targets = torch.cat([s.loss_mask.bool() for s in samples] + [torch.zeros(pad, dtype=torch.bool)])
-    positions = torch.cat([s.position_ids for s in samples] + [torch.arange(pad).expand(3, pad)], dim=1)
-    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    ids = torch.cat(ids + [torch.full((pad,), pad_id, dtype=torch.long)])
+    targets = torch.cat(targets + [torch.zeros(pad, dtype=torch.bool)])
+    positions = torch.cat(positions + [torch.arange(pad).expand(3, pad)], dim=1)
+    cu = torch.tensor([0] + blocks, dtype=torch.int64).cumsum(0).to(torch.int32)
     labels = shift_labels(ids[None], cu, target_mask=targets[None], ignore_index=ignore_index)
     batch = Batch(input_ids=ids[None], labels=labels, loss_mask=labels != ignore_index, position_ids=positions[:, None],
-                  lengths=lengths, cu_seqlens=cu)
+                  lengths=lengths, blocks=blocks, cu_seqlens=cu)
     return _with_images(batch, samples, args)
 
 

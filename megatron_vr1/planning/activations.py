@@ -82,7 +82,8 @@ def stage_bytes(args: Qwen25VLArgs, layout: ParallelLayout, stage: int, lm_layer
     """Peak activation bytes of one rank of ``stage`` over a step, by part.
 
     1F1B keeps ``PP - stage`` micro-batches in flight on ``stage``; context parallelism splits
-    each micro-batch's tokens over its ranks.
+    each micro-batch's tokens over its ranks, whose attention keeps the whole micro-batch's
+    keys and values (all-gathered) and whose ViT runs on all of its images.
     """
     if s.recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {s.recompute!r}")
@@ -92,6 +93,8 @@ def stage_bytes(args: Qwen25VLArgs, layout: ParallelLayout, stage: int, lm_layer
     seq = tp if layout.sequence_parallel else 1
     h = args.hidden_size
     layer = lm_layer_bytes(args, layout, s.elem, "none" if s.recompute == "full" else s.recompute)
+    if layout.context_parallel > 1 and s.recompute != "selective":  # selective recomputes the gather too
+        layer += 2 * s.elem * args.num_kv_heads * args.head_dim // tp * (layout.context_parallel - 1)
     if s.recompute == "full":
         blocks = -(-lm_layers // s.recompute_layers)
         kept = blocks * s.elem * h / seq  # each block's input
@@ -101,7 +104,7 @@ def stage_bytes(args: Qwen25VLArgs, layout: ParallelLayout, stage: int, lm_layer
     parts = {"layers": in_flight * tokens * kept + live,
              "stage_input": in_flight * tokens * s.elem * h / seq}
     if stage == 0:
-        patches = tokens * s.image_fraction * args.vision.merge_unit
+        patches = s.micro_batch_tokens * s.image_fraction * args.vision.merge_unit
         parts["vision"] = in_flight * patches * vision_patch_bytes(args, layout, s.elem, s.recompute)
     if stage == pp - 1:  # one micro-batch at a time reaches the loss
         parts["logits"] = tokens * (logits_bytes(args, layout, s.elem, s.objective)

@@ -5,7 +5,7 @@ old and reference policies, the clipped GRPO loss with k3 KL)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,9 +46,11 @@ def mini_batches(seqs: list[RolloutSequence], count: int, seed: int) -> list[lis
 
 
 def micro_batches(seqs: list[RolloutSequence], args, *, max_tokens: int, pad_to: int, pad_id: int,
-                  group=None) -> list[Batch]:
+                  group=None, sequence_multiple: int = 1,
+                  shard: Optional[Callable[[Batch], Batch]] = None) -> list[Batch]:
     """Packed micro-batches of one mini-batch with per-token advantages attached; every rank of
-    ``group`` (data parallel) gets the same number, padded with fully masked ones."""
+    ``group`` (data parallel) gets the same number, padded with fully masked ones. ``shard``
+    (context parallelism) turns each whole micro-batch into this rank's share."""
     bins = pack_balanced([len(s.sample) for s in seqs], max_tokens, 1)[0] if seqs else []
     count = torch.tensor([len(bins)], device=platform.device())
     if group is not None and dist.get_world_size(group) > 1:
@@ -56,9 +58,10 @@ def micro_batches(seqs: list[RolloutSequence], args, *, max_tokens: int, pad_to:
     bins = bins + [[] for _ in range(int(count) - len(bins))]
     batches = []
     for b in (sorted(b) for b in bins):  # sequences in their given order within a micro-batch
-        batch = packed_batch([seqs[i].sample for i in b], args, pad_to_multiple_of=pad_to, pad_id=pad_id)
+        batch = packed_batch([seqs[i].sample for i in b], args, pad_to_multiple_of=pad_to,
+                             sequence_multiple=sequence_multiple, pad_id=pad_id)
         batch.extras["advantages"] = batch.per_token(torch.tensor([seqs[i].advantage for i in b], dtype=torch.float32))
-        batches.append(batch)
+        batches.append(shard(batch) if shard is not None else batch)
     return batches
 
 
@@ -108,8 +111,11 @@ class GRPOObjective:
         loss, logp, kl = grpo_loss(logits, batch.labels, old, ref, adv, mask, temperature=self.temperature,
                                    clip_low=s.clip_low, clip_high=s.clip_high, clip_ratio_c=s.clip_ratio_c,
                                    kl_beta=s.kl_beta, kl_log_ratio_max=s.kl_log_ratio_max, tp_group=tp)
+        whole = batch.context  # a context-parallel share: sequences are normalised and counted as wholes
         part = aggregate_loss(loss, mask, mode=s.aggregation, cu_seqlens=batch.cu_seqlens,
-                              max_response_length=self.max_response_tokens)
+                              max_response_length=self.max_response_tokens,
+                              sequence_tokens=None if whole is None else whole.sequence_loss_tokens,
+                              count_sequences=whole is None or whole.rank == 0)
         with torch.no_grad():
             ratio = torch.exp(logp.detach() - old)
             clipped = (((adv > 0) & (ratio > 1 + s.clip_high)) | ((adv < 0) & (ratio < 1 - s.clip_low))) & mask

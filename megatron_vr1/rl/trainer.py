@@ -79,8 +79,12 @@ def _reference(cfg: DictConfig, par, model, resume) -> torch.nn.Module:
 
 
 def run(cfg: DictConfig) -> None:
-    par = start_parallel(cfg)
     rl = cfg.rl
+    cp = int(cfg.model.parallel.get("context_parallel") or 1)
+    if cp > 1 and rl.engine != "hf":
+        raise UsageError(f"rl.engine={rl.engine} generates on the training ranks, which context parallelism splits; "
+                         f"with model.parallel.context_parallel={cp} use rl.engine=hf")
+    par = start_parallel(cfg)
     stages = parse_stages(rl.stages)
     total_steps = stages[-1].first_step + stages[-1].steps - 1
     loss_settings = LossSettings(**_fields(LossSettings, rl.loss))
@@ -116,8 +120,9 @@ def run(cfg: DictConfig) -> None:
         step = int(state["step"])
         loader.load_state_dict(state["data"])
 
-    mp_group = ps.get_model_parallel_group()
-    leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    mp_group = ps.get_model_parallel_group()  # TP x PP: one per context-parallel rank of the replica
+    cp_group = ps.get_context_parallel_group()
+    leader = par.replica_leader
     leader_rank = min(dist.get_process_group_ranks(mp_group))
     engine_options = OmegaConf.to_container(rl.engine_options, resolve=True) or {}
     if rl.engine in ("hf", "megatron"):
@@ -151,7 +156,7 @@ def run(cfg: DictConfig) -> None:
         plan = ", ".join(f"{s.steps} x ({s.max_response_tokens} tokens, {s.group_size} rollouts)" for s in stages)
         origin = f"resumed from {resume}" if resume else (f"from {cfg.init_from}" if cfg.init_from else "random init")
         print(f"grpo: {len(dataset)} prompts, stages {plan}, engine {rl.engine}, TP={par.layout.tensor_parallel} "
-              f"PP={par.layout.pipeline_parallel} DP={par.dp_size}, {origin}", flush=True)
+              f"CP={par.layout.context_parallel} PP={par.layout.pipeline_parallel} DP={par.dp_size}, {origin}", flush=True)
     stop = StopRequest()
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     dp_group = ps.get_data_parallel_group()
@@ -186,6 +191,8 @@ def run(cfg: DictConfig) -> None:
                             times)]
             if dist.get_world_size(mp_group) > 1:  # the rewards are the leader's, also under an SPMD engine
                 dist.broadcast_object_list(payload, src=leader_rank, group=mp_group)
+            if par.layout.context_parallel > 1:  # then from context-parallel rank 0 to the others
+                dist.broadcast_object_list(payload, src=min(dist.get_process_group_ranks(cp_group)), group=cp_group)
             *fields, shared_times = payload[0]
             times.update(shared_times)
             batch = Rollouts(*fields)
@@ -204,7 +211,7 @@ def run(cfg: DictConfig) -> None:
             parts = mini_batches(seqs, minis, _seed(int(cfg.seed), step, 10_000 + par.dp_rank))
             plan = [[b.to(device, non_blocking=True) for b in micro_batches(
                 part, par.args, max_tokens=int(rl.micro_batch_tokens), pad_to=par.pad_to, pad_id=pad_id,
-                group=dp_group)] for part in parts]
+                group=dp_group, sequence_multiple=par.sequence_multiple, shard=par.shard)] for part in parts]
             flat_batches = [b for part in plan for b in part]
 
             # ---- old and reference log-probs, on the very micro-batches the update uses

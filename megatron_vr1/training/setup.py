@@ -17,7 +17,7 @@ from .. import platform
 from ..checkpoint import CheckpointError, load_model
 from ..checkpoint.convert import HF_ASSETS
 from ..config import model_from_conf
-from ..data import ImageConfig, ImageError, RecordError, SampleError, load_tokenizer
+from ..data import ImageConfig, ImageError, RecordError, SampleError, load_tokenizer, packed_batch
 from ..data.images import CLIP_MEAN, CLIP_STD
 from ..errors import UsageError
 from ..models.qwen2_5_vl import ConfigError, ImageTokenError, ParallelLayout, Qwen25VLArgs, build_model
@@ -53,11 +53,29 @@ class Parallel:
     dp_rank: int
     dp_size: int
     is_writer: bool  # global rank 0: writes metrics, prints
+    cp_rank: int = 0
+    replica_leader: bool = True  # the first rank (TP, CP and PP rank 0) of its data-parallel replica
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Packed sequences are padded to a multiple of this (context-parallel ranks take 2 chunks each)."""
+        return 2 * self.layout.context_parallel if self.layout.context_parallel > 1 else 1
 
     @property
     def pad_to(self) -> int:
-        """Packed micro-batches are padded to a multiple of this (sequence parallelism splits them)."""
-        return self.layout.tensor_parallel if self.layout.sequence_parallel else 1
+        """Packed micro-batches are padded to a multiple of this (sequence parallelism splits each
+        context-parallel rank's share)."""
+        tp = self.layout.tensor_parallel if self.layout.sequence_parallel else 1
+        return tp * self.sequence_multiple
+
+    def pack(self, samples, *, pad_id: int):
+        """This rank's share of the packed micro-batch of ``samples`` (host tensors)."""
+        return packed_batch(samples, self.args, pad_to_multiple_of=self.pad_to,
+                            sequence_multiple=self.sequence_multiple, pad_id=pad_id)
+
+    def shard(self, batch):
+        """This context-parallel rank's share of a whole packed micro-batch."""
+        return batch.context_shard(self.layout.context_parallel, self.cp_rank)
 
 
 def start_parallel(cfg: DictConfig) -> Parallel:
@@ -66,26 +84,27 @@ def start_parallel(cfg: DictConfig) -> Parallel:
     if layout.sequence_parallel and layout.tensor_parallel == 1:
         layout.sequence_parallel = False  # nothing to split over: megatron-core refuses SP without TP
     check_context_parallel(layout.context_parallel, resolve_backend(cfg.backend))
-    platform.init_distributed(layout.tensor_parallel, layout.pipeline_parallel, seed=int(cfg.seed))
+    platform.init_distributed(layout.tensor_parallel, layout.pipeline_parallel, seed=int(cfg.seed),
+                              context_parallel_size=layout.context_parallel)
     dtype = {"auto": torch.bfloat16 if platform.has_cuda() else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}.get(str(cfg.train.dtype))
     if dtype is None:
         raise UsageError(f"train.dtype must be auto, bf16 or fp32, got {cfg.train.dtype!r}")
+    leader = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+              and ps.get_context_parallel_rank() == 0)
     return Parallel(args, layout, resolve_backend(cfg.backend), dtype, ps.get_data_parallel_rank(),
-                    ps.get_data_parallel_world_size(), torch.distributed.get_rank() == 0)
+                    ps.get_data_parallel_world_size(), torch.distributed.get_rank() == 0,
+                    cp_rank=ps.get_context_parallel_rank(), replica_leader=leader)
 
 
 def check_context_parallel(size: int, backend: str) -> None:
-    """Context parallelism needs Transformer Engine's attention on GPUs, and our packed batches
-    are not yet split over context-parallel ranks: refuse it with the change to make."""
-    if size == 1:
-        return
-    if not platform.has_cuda() or backend != "te":
-        where = "this machine has no GPU" if not platform.has_cuda() else f"the layer backend is {backend!r}"
-        raise UsageError(f"model.parallel.context_parallel={size} needs Transformer Engine attention on GPUs "
-                         f"(backend=te) and {where}: set model.parallel.context_parallel=1")
-    raise UsageError(f"model.parallel.context_parallel={size}: the trainers do not yet split packed sequences over "
-                     f"context-parallel ranks; set model.parallel.context_parallel=1 (tools/plan.py still plans it)")
+    """Context parallelism runs the local layer spec's attention (all-gathered keys and values);
+    Transformer Engine's ring attention is not wired in yet: refuse it with the change to make."""
+    if size < 1:
+        raise UsageError(f"model.parallel.context_parallel must be >= 1, got {size}")
+    if size > 1 and backend != "local":
+        raise UsageError(f"model.parallel.context_parallel={size} runs with the local layer spec; the {backend!r} "
+                         f"backend's context-parallel attention is not wired in: set backend=local")
 
 
 def recompute_config(kind: str, layers: int = 1) -> dict[str, Any]:

@@ -5,7 +5,8 @@ The objective gives, per micro-batch on the last pipeline stage, the summed loss
 tokens it covers and sums to report. megatron-core adds up the token counts, all-reduces them
 over data-parallel ranks and divides the gradients by the total (``calculate_per_token_loss``),
 so the step optimises the global batch's per-token mean; the reported values are normalised the
-same way.
+same way. Under context parallelism each rank returns its share's sums and megatron-core adds
+them over data- and context-parallel ranks alike.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class StepResult:
 def run_micro_batches(model, batches: Sequence[Batch], objective: Objective, *,
                       forward_only: bool = False) -> torch.Tensor:
     """Forward (and backward) of this rank's micro-batches: ``[loss_sum, tokens, *objective sums]``
-    over the global batch (summed over data-parallel ranks), on every rank."""
+    over the global batch (summed over data- and context-parallel ranks), on every rank."""
     stats: list[torch.Tensor] = []
 
     def forward_step(data_iterator, chunk):
@@ -77,9 +78,10 @@ def run_micro_batches(model, batches: Sequence[Batch], objective: Objective, *,
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
         seq_length=max(b.input_ids.shape[1] for b in batches), micro_batch_size=1, forward_only=forward_only)
-    # the stats live on the last pipeline stage: sum them there, over DP, then send them to every stage
+    # the stats live on the last pipeline stage: sum them there, over DP (and the context-parallel
+    # ranks' shares of each micro-batch), then send them to every stage
     total = torch.stack(stats).sum(0) if stats else torch.zeros(2 + len(objective.sum_names), device=device)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     pp = ps.get_pipeline_model_parallel_group()
     dist.broadcast(total, src=dist.get_process_group_ranks(pp)[-1], group=pp)
     return total

@@ -2,7 +2,8 @@
 
 It is the ``core_attention`` submodule of the local (non Transformer Engine) layer spec, with
 megatron-core's ``DotProductAttention`` call signature. Megatron's own local attention rejects
-packed sequences; this one runs each packed sequence (or vision window) as its own block.
+packed sequences; this one runs each packed sequence (or vision window) as its own block, and
+under context parallelism a rank's share of each sequence against all of it (``context_parallel``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .context_parallel import context_parallel_attention
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -50,8 +53,13 @@ class TorchSDPAttention(MegatronModule):
         pg_collection: object = None,
     ) -> None:
         super().__init__(config=config)
+        # the ViT's config has no context parallelism, though it shares the model's process groups
+        self.cp_group = None
         if config.context_parallel_size > 1:
-            raise ValueError("TorchSDPAttention does not support context parallelism; use the TE spec")
+            from megatron.core import parallel_state
+
+            self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") \
+                else parallel_state.get_context_parallel_group()
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -76,9 +84,16 @@ class TorchSDPAttention(MegatronModule):
             cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
             if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
                 raise ValueError("TorchSDPAttention needs identical query and key cu_seqlens")
+            if self.cp_group is not None:  # this rank's rows of each sequence against all of it
+                bounds = getattr(packed_seq_params, "host_cu_seqlens", None) or tuple(cu_q.tolist())
+                out = context_parallel_attention(query, key, value, bounds, self.cp_group, causal=causal,
+                                                 scale=self.softmax_scale, dropout=dropout)
+                return out.reshape(out.shape[0], -1)
             out = varlen_attention(query, key, value, cu_q, causal=causal, scale=self.softmax_scale, dropout=dropout,
                                    bounds=getattr(packed_seq_params, "host_cu_seqlens", None))
             return out.reshape(out.shape[0], -1)
+        if self.cp_group is not None:
+            raise ValueError("context parallelism splits packed (THD) batches only: give cu_seqlens")
         # SBHD: [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask = None

@@ -5,8 +5,10 @@ sequence's offset with ``.item()``: one device synchronisation per sequence, per
 and key alike. The vision tower packs every attention window as its own sequence, so a 3B SFT step
 on an H200 made about 46,000 such reads (``tools/bench_sft.py --profile-step``). This project's
 models pass one frequency row per packed token (M-RoPE and the ViT's 2-D rotary are per token),
-and then, without context parallelism, that path is exactly the whole tensor rotated by its own
-rows: :func:`install` takes that shortcut and leaves every other case to megatron-core.
+and then that path is exactly the whole tensor rotated by its own rows: :func:`install` takes that
+shortcut and leaves every other case to megatron-core. Under context parallelism the rows are
+this rank's (the model computes M-RoPE from this rank's positions), which megatron-core's path
+would cut again per sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ _original_thd = rope_utils._apply_rotary_pos_emb_thd
 
 def _apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved: bool = False,
                               multi_latent_attention: bool = False, mscale: float = 1.0, cp_group=None):
-    if cp_group is not None and cp_group.size() == 1 and freqs.dim() == 4 and freqs.size(0) == t.size(0):
+    if freqs.dim() == 4 and freqs.size(0) == t.size(0):
         # cu_seqlens spans every packed row, so the per-sequence offsets tile freqs exactly
         return rope_utils._apply_rotary_pos_emb_bshd(
             t.unsqueeze(1), freqs, rotary_interleaved=rotary_interleaved,

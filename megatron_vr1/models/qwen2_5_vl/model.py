@@ -64,6 +64,7 @@ def language_config(args: Qwen25VLArgs, layout: ParallelLayout, dtype: torch.dty
         add_bias_linear=False,
         attention_dropout=args.attention_dropout,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=layout.context_parallel,
         num_layers_in_first_pipeline_stage=first,
         num_layers_in_last_pipeline_stage=last,
         sequence_parallel=layout.sequence_parallel,
@@ -166,6 +167,9 @@ class Qwen25VLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,
             pg_collection=pg_collection,
         )
+        # M-RoPE is computed from this rank's own positions (a context-parallel batch arrives split,
+        # see data.Batch.context_shard): megatron-core must not cut it again along the sequence.
+        self.language_model.rotary_pos_emb.cp_group = None
         # megatron-core's weight refit (megatron.core.resharding) reads the owning module's groups
         self.pg_collection = self.language_model.pg_collection
         self.share_embeddings_and_output_weights = args.tie_word_embeddings
@@ -179,12 +183,15 @@ class Qwen25VLModel(MegatronModule):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
               image_grid_thw: Optional[torch.Tensor], image_positions: Optional[torch.Tensor] = None,
-              vision_layout: Optional[VisionLayout] = None) -> torch.Tensor:
+              vision_layout: Optional[VisionLayout] = None,
+              image_feature_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings ``[S, B, H]`` with image features in the image-pad positions.
 
         ``image_positions``: flat indices (into ``B * S``, batch-major) of the image tokens, as
         the data pipeline records them; found here (a host sync) when not given. A batch
         without images (``pixel_values`` None or with no rows) never runs the ViT.
+        ``image_feature_index``: which of the ViT's features each image token takes, when the
+        tokens are a context-parallel rank's share of the images' (the ViT sees them all).
         """
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         image_id = self.args.image_token_id
@@ -202,6 +209,8 @@ class Qwen25VLModel(MegatronModule):
         if image_grid_thw is None:
             raise ImageTokenError("pixel_values given without image_grid_thw")
         features = self.vision(pixel_values, image_grid_thw, vision_layout).to(emb.dtype)  # checks pixels vs grids
+        if image_feature_index is not None:
+            features = features.index_select(0, image_feature_index.to(features.device))
         if image_positions.numel() != features.shape[0]:
             raise ImageTokenError(f"input_ids hold {image_positions.numel()} image tokens but image_grid_thw "
                                   f"{image_grid_thw.tolist()} needs {features.shape[0]}")
@@ -221,7 +230,10 @@ class Qwen25VLModel(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
         image_positions: Optional[torch.Tensor] = None,
         vision_layout: Optional[VisionLayout] = None,
+        image_feature_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if self.config.context_parallel_size > 1 and packed_seq_params is None:
+            raise ValueError("context parallelism needs packed batches split over its ranks (Batch.context_shard)")
         if position_ids is None:
             if packed_seq_params is not None:
                 raise ValueError("packed batches need precomputed position_ids (positions.packed_position_ids)")
@@ -243,7 +255,8 @@ class Qwen25VLModel(MegatronModule):
             mask = ~(keep[:, None, None, :])  # megatron: True = masked out
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_positions, vision_layout)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_positions, vision_layout,
+                                       image_feature_index)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         out = self.language_model(

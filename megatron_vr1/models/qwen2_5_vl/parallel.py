@@ -21,8 +21,8 @@ class ParallelLayout:
     pipeline_parallel: int = 1
     num_layers_in_first_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
-    # Context parallelism splits every sequence over this many ranks (long PTST stages); it needs
-    # Transformer Engine's attention on GPUs. Parameters are the same on every context rank.
+    # Context parallelism splits every packed sequence over this many ranks (long reasoning traces;
+    # models.common.context_parallel). Parameters are the same on every context-parallel rank.
     context_parallel: int = 1
     # Padded vocab rows give logits of 0 that enter every softmax, so log-probs would drift from
     # the HF model (and the rollout engine). Qwen's vocabularies divide by 8: pad only if TP needs.
