@@ -8,11 +8,11 @@ tokens sit and the ViT's window layout. The model and the kernels then run witho
 
     batch = packed_batch(samples, args, pad_to_multiple_of=tp).to(device)
     logits = model(**batch.model_inputs())                     # [1, T, V/TP]
+    loss, _, _ = grpo_loss(logits, batch.labels, ..., batch.loss_mask, tp_group=tp_group)
+    part = aggregate_loss(loss, batch.loss_mask, cu_seqlens=batch.cu_seqlens)
 
 Under context parallelism every rank builds the whole micro-batch with ``sequence_multiple=2 * cp``
 and keeps its share: ``batch.context_shard(cp, cp_rank)``.
-    loss, _, _ = grpo_loss(logits, batch.labels, ..., batch.loss_mask, tp_group=tp_group)
-    part = aggregate_loss(loss, batch.loss_mask, cu_seqlens=batch.cu_seqlens)
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ class ContextShard:
     size: int
     rank: int
     bounds: tuple  # the whole micro-batch's sequence boundaries, padding block included (attention's view)
+    cu_seqlens: torch.Tensor  # int32: ``bounds`` as a tensor, on the batch's device
     sequence_loss_tokens: torch.Tensor  # [n] float: loss tokens of each sequence over every rank's share
 
     def to(self, device, non_blocking: bool = False) -> "ContextShard":
-        return dataclasses.replace(self, sequence_loss_tokens=self.sequence_loss_tokens.to(
-            device, non_blocking=non_blocking))
+        return dataclasses.replace(self, cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
+                                   sequence_loss_tokens=self.sequence_loss_tokens.to(device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -122,8 +123,12 @@ class Batch:
         are the whole micro-batch's, as Transformer Engine's context-parallel attention takes them."""
         from ..models.common.attention import packed_seq_params
 
-        bounds = list(self.context.bounds) if self.context is not None else self.sequence_bounds()
-        cu = torch.tensor(bounds, dtype=torch.int32).to(self.cu_seqlens.device, non_blocking=True)
+        if self.context is not None:
+            bounds, cu = list(self.context.bounds), self.context.cu_seqlens
+        else:  # the blocks' cu_seqlens, already on the device, and the padding block's end
+            bounds, cu = self.sequence_bounds(), self.cu_seqlens
+            if len(bounds) > cu.numel():
+                cu = torch.cat([cu, cu.new_full((1,), bounds[-1])])
         return packed_seq_params(cu, bounds, max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
 
     def context_shard(self, size: int, rank: int) -> "Batch":
@@ -159,7 +164,7 @@ class Batch:
             cu_seqlens=torch.tensor([0] + blocks, dtype=torch.int64).cumsum(0).to(torch.int32),
             image_positions=positions, image_feature_index=feature_index,
             extras={k: take(v) for k, v in self.extras.items()},
-            context=ContextShard(size, rank, tuple(bounds), loss_tokens))
+            context=ContextShard(size, rank, tuple(bounds), torch.tensor(bounds, dtype=torch.int32), loss_tokens))
 
     def model_inputs(self, *, with_labels: bool = False) -> dict:
         """Keyword arguments of :class:`~megatron_vr1.models.qwen2_5_vl.Qwen25VLModel`'s forward."""
@@ -225,11 +230,15 @@ def packed_batch(samples: Sequence[Sample], args: Optional[Qwen25VLArgs] = None,
     total = max(-(-real // pad_to_multiple_of) * pad_to_multiple_of, pad_to_multiple_of if not real else 0)
     ids, targets, positions = [], [], []
     for s, block in zip(samples, blocks):
+        ids.append(s.input_ids)
+        targets.append(s.loss_mask.bool())
+        positions.append(s.position_ids)
         tail = block - len(s)  # after the sequence's own tokens: causal attention keeps them out of its rows
-        start = int(s.position_ids.max()) + 1 if len(s) else 0
-        ids += [s.input_ids, torch.full((tail,), pad_id, dtype=torch.long)]
-        targets += [s.loss_mask.bool(), torch.zeros(tail, dtype=torch.bool)]
-        positions += [s.position_ids, torch.arange(start, start + tail).expand(3, tail)]
+        if tail:
+            start = int(s.position_ids.max()) + 1 if len(s) else 0
+            ids.append(torch.full((tail,), pad_id, dtype=torch.long))
+            targets.append(torch.zeros(tail, dtype=torch.bool))
+            positions.append(torch.arange(start, start + tail).expand(3, tail))
     pad = total - real
     ids = torch.cat(ids + [torch.full((pad,), pad_id, dtype=torch.long)])
     targets = torch.cat(targets + [torch.zeros(pad, dtype=torch.bool)])

@@ -69,7 +69,7 @@ class Parallel:
         return tp * self.sequence_multiple
 
     def pack(self, samples, *, pad_id: int):
-        """This rank's share of the packed micro-batch of ``samples`` (host tensors)."""
+        """``samples`` as one whole packed micro-batch (host tensors), padded for this layout."""
         return packed_batch(samples, self.args, pad_to_multiple_of=self.pad_to,
                             sequence_multiple=self.sequence_multiple, pad_id=pad_id)
 
