@@ -108,3 +108,21 @@ def hf_logits(model, batch: dict[str, torch.Tensor], image_token: int = IMAGE) -
     kwargs["mm_token_type_ids"] = (batch["input_ids"] == image_token).int()
     with torch.no_grad():
         return model(**kwargs).logits.float()
+
+
+def chat_samples(tokenizer, args, cases, seed: int = 0) -> list:
+    """Training samples of ``(question, [(width, height) of each image], reply)`` chats, through
+    the data layer, with random images of those sizes."""
+    import numpy as np
+    from PIL import Image
+
+    from megatron_vr1.data import build_sample, process_images
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for question, sizes, reply in cases:
+        images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+        pixels, grid = process_images(images)
+        samples.append(build_sample(tokenizer, args, [{"role": "user", "content": question},
+                                                      {"role": "assistant", "content": reply}], pixels, grid))
+    return samples

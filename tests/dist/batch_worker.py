@@ -14,10 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny import chat_samples  # noqa: E402
 
 
 def main() -> None:
@@ -29,11 +30,10 @@ def main() -> None:
     opts = parser.parse_args()
 
     from megatron.core import parallel_state as ps
-    from PIL import Image
 
     from megatron_vr1 import platform
     from megatron_vr1.config import load_model_conf, model_from_conf
-    from megatron_vr1.data import build_sample, collate_padded, load_tokenizer, packed_batch, process_images
+    from megatron_vr1.data import collate_padded, load_tokenizer, packed_batch
     from megatron_vr1.kernels import aggregate_loss, grpo_loss, token_logprobs
     from megatron_vr1.models.qwen2_5_vl import ParallelLayout, build_model
 
@@ -46,17 +46,11 @@ def main() -> None:
     tok = load_tokenizer(opts.tokenizer)
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
 
-    rng = np.random.default_rng(0)
-    image = lambda w, h: Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))  # noqa: E731
-    cases = [("Add 2 and 3.", [], "<think> 2 + 3 = 5 </think><answer> Final Answer: 5 </answer>"),
-             ("<image>How many circles?", [image(84, 56)], "<think> I count 4. </think><answer> 4 </answer>"),
-             ("Say yes.", [], "yes"),
-             ("<image>Compare <image> the bars.", [image(56, 56), image(112, 84)], "<answer> B </answer>")]
-    samples = []
-    for question, images, reply in cases:
-        pixels, grid = process_images(images)
-        samples.append(build_sample(tok, args, [{"role": "user", "content": question},
-                                                {"role": "assistant", "content": reply}], pixels, grid))
+    samples = chat_samples(tok, args, [
+        ("Add 2 and 3.", [], "<think> 2 + 3 = 5 </think><answer> Final Answer: 5 </answer>"),
+        ("<image>How many circles?", [(84, 56)], "<think> I count 4. </think><answer> 4 </answer>"),
+        ("Say yes.", [], "yes"),
+        ("<image>Compare <image> the bars.", [(56, 56), (112, 84)], "<answer> B </answer>")])
     advantages = [0.7, -1.3, 0.2, -0.4]
     old_offsets = [0.3, -0.2, 0.05, -1.5]  # old policy a little off the current one: clip and dual clip act
 
