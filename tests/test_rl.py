@@ -95,7 +95,7 @@ def test_grpo_raises_the_reward_and_switches_stage(tmp_path, colour_task, toy_to
 
 
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["model.parallel.tensor_parallel=2", "model.parallel.sequence_parallel=true"]),
-           "pp2": (2, ["model.parallel.pipeline_parallel=2"]), "cp2": (2, ["model.parallel.context_parallel=2"])}
+           "pp2": (2, ["model.parallel.pipeline_parallel=2"])}
 
 
 @pytest.fixture(scope="session")
@@ -110,18 +110,32 @@ def rl_references(tmp_path_factory, colour_task, toy_tokenizer_dir):
 
 
 
-def test_tp2_pp2_and_cp2_give_the_single_process_losses_and_rewards(rl_references):
-    """Context parallelism too: each rank holds half of every sequence (padded for the split),
-    the hf engine's rollouts are shared from its first rank, and the loss is the whole batch's."""
+def test_tp2_and_pp2_give_the_single_process_losses_and_rewards(rl_references):
     base = metrics(rl_references["tp1"])
     assert [x["stage"] for x in base] == [1, 1, 2, 2]
-    for name in ("tp2", "pp2", "cp2"):
+    for name in ("tp2", "pp2"):
         got = metrics(rl_references[name])
         assert [x["reward_mean"] for x in got] == [x["reward_mean"] for x in base], name
         assert [x["loss"] for x in got] == pytest.approx([x["loss"] for x in base], rel=RTOL, abs=1e-7), name
         assert [x["response_length_mean"] for x in got] == [x["response_length_mean"] for x in base], name
         for key in ("kl", "entropy", "clip_frac"):
             assert [x[key] for x in got] == pytest.approx([x[key] for x in base], rel=1e-4, abs=1e-7), (name, key)
+
+
+def test_context_parallelism_gives_the_single_process_grpo_step(tmp_path, rl_references, colour_task,
+                                                              toy_tokenizer_dir):
+    """CP=2: each rank holds half of every sequence (padded for the split), the hf engine's
+    rollouts are shared from the replica's first rank, and the loss is the whole batch's: the
+    first step of the single-process run (one step keeps the suite short; the SFT runs four)."""
+    root, init = colour_task
+    one_step = "[{max_response_tokens: 32, group_size: 4, steps: 1}]"
+    launch("megatron_vr1.rl", tmp_path / "cp2", 2, *rl_args(root, init, toy_tokenizer_dir, one_step,
+                                                            "model.parallel.context_parallel=2"))
+    (got,), want = metrics(tmp_path / "cp2"), metrics(rl_references["tp1"])[0]
+    for key in ("reward_mean", "response_length_mean", "tokens"):
+        assert got[key] == want[key], key
+    for key in ("loss", "kl", "entropy", "clip_frac"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-7), key
 
 
 def test_two_nodes_through_the_launch_script_give_the_single_node_grpo_step(tmp_path, rl_references, colour_task,
