@@ -20,7 +20,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .context_parallel import context_parallel_attention
+from .context_parallel import context_parallel_attention, starts_by_length
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -157,12 +157,8 @@ def _blocks_by_length(bounds: tuple, device: torch.device) -> list[tuple[int, in
 
 
 def _index_blocks(bounds: tuple, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
-    by_length: dict[int, list[int]] = {}
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            by_length.setdefault(end - start, []).append(start)
     out = []
-    for length, starts in by_length.items():
+    for length, starts in starts_by_length(bounds).items():
         idx = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1)
         if device.type == "cuda":
             idx = idx.pin_memory().to(device, non_blocking=True)

@@ -42,6 +42,15 @@ def shard_rows(bounds: Sequence[int], size: int, rank: int) -> list[int]:
     return rows
 
 
+def starts_by_length(bounds: Sequence[int]) -> dict[int, list[int]]:
+    """First rows of the non-empty sequences of ``bounds``, grouped by length (one attention call each)."""
+    out: dict[int, list[int]] = {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out.setdefault(b - a, []).append(a)
+    return out
+
+
 @dataclass(frozen=True)
 class _Group:
     """Sequences of one length: this rank's query rows, their keys' rows in the gathered tensor,
@@ -63,12 +72,8 @@ def _plan(bounds: tuple, size: int, rank: int, causal: bool, device: torch.devic
         for r in range(size):
             where[torch.tensor(shard_rows(bounds, size, r), dtype=torch.long)] = torch.arange(
                 r * local_rows, (r + 1) * local_rows)
-        by_length: dict[int, list[int]] = {}
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if b > a:
-                by_length.setdefault(b - a, []).append(a)
         groups = []
-        for length, starts in by_length.items():
+        for length, starts in starts_by_length(bounds).items():
             c = length // (2 * size)
             offsets = torch.cat([torch.arange(rank * c, (rank + 1) * c),
                                  torch.arange((2 * size - 1 - rank) * c, (2 * size - rank) * c)])
