@@ -145,15 +145,17 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
               clip_high: float = 0.2, clip_ratio_c: Optional[float] = 3.0, kl_beta: float = 0.0,
-              kl_log_ratio_max: float = 20.0, tp_group=None, inplace_backward: bool = False,
+              kl_log_ratio_max: float = 20.0, kl_max: Optional[float] = 10.0, tp_group=None,
+              inplace_backward: bool = False,
               backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token GRPO loss, log-probs and k3 KL (fp32, the shape of ``labels``, 0 on masked tokens).
 
     ``pg = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A)``, and for ``A < 0`` dual-clipped at
     ``-A * clip_ratio_c`` (verl's default 3; ``None`` switches it off), so a huge ratio on a
     negative advantage cannot make the loss unbounded; ``loss = pg + kl_beta * k3`` with
-    ``r = exp(logp - old_logprobs)``, ``k3 = exp(d) - d - 1`` and ``d = clamp(ref_logprobs - logp,
-    +-kl_log_ratio_max)`` (no gradient where the bound holds ``d``).
+    ``r = exp(logp - old_logprobs)``, ``k3 = clamp(exp(d) - d - 1, +-kl_max)`` and ``d =
+    clamp(ref_logprobs - logp, +-kl_log_ratio_max)`` (no gradient where either bound holds; verl
+    bounds k3 at 10 too; ``kl_max=None``: no bound on k3's value).
     Row t of ``logits`` (``[T, V]`` or ``[B, T, V]``) predicts ``labels[t]``; the other per-token
     inputs have the shape of ``labels``. Differentiable with respect to ``logits`` (all three
     outputs). ``inplace_backward`` writes the gradient into the logits' own storage (saves a
@@ -167,11 +169,13 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
         raise ValueError(f"clip_ratio_c must exceed 1 + clip_high = {1 + clip_high}, got {clip_ratio_c}")
     if not kl_log_ratio_max > 0:
         raise ValueError(f"kl_log_ratio_max must be positive, got {kl_log_ratio_max}")
+    if kl_max is not None and not kl_max > 0:
+        raise ValueError(f"kl_max must be positive (or None for no bound), got {kl_max}")
     shape = labels.shape
     logits, labels, old_logprobs, ref_logprobs, advantages, mask = _rows(
         logits, labels, old_logprobs, ref_logprobs, advantages, mask)
     clips = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, kl_beta=kl_beta,
-                 kl_log_ratio_max=kl_log_ratio_max)
+                 kl_log_ratio_max=kl_log_ratio_max, kl_max=kl_max)
     if _use_triton(backend, logits):
         from .fused_grpo_loss import GRPOLossFunction
 

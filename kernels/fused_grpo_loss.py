@@ -124,7 +124,7 @@ class GRPOLossFunction(torch.autograd.Function):
                 inplace_backward):
         ctx.set_materialize_grads(False)  # an unused output's gradient is None, not 0 * (a maybe-inf factor)
         clip_low, clip_high, clip_c = clips["clip_low"], clips["clip_high"], clips["clip_ratio_c"]
-        kl_beta, bound = clips["kl_beta"], clips["kl_log_ratio_max"]
+        kl_beta, bound, kl_max = clips["kl_beta"], clips["kl_log_ratio_max"], clips["kl_max"]
         keep = mask.bool()
         lse, target = row_stats(logits, labels, mask, temperature, tp_group)
         logp = torch.where(keep, target - lse, 0.0)
@@ -141,13 +141,17 @@ class GRPOLossFunction(torch.autograd.Function):
         delta = torch.clamp(raw_delta, -bound, bound)
         exp_delta = torch.exp(delta)
         k3 = exp_delta - delta - 1
+        in_bounds = raw_delta.abs() <= bound  # k3 moves with logp only inside both bounds
+        if kl_max is not None:
+            in_bounds = in_bounds & (k3.abs() <= kl_max)
+            k3 = torch.clamp(k3, -kl_max, kl_max)
         # kl_beta = 0 switches the KL term off: an overflowing k3 must not turn 0 * inf into NaN
         loss = torch.where(keep, pg + kl_beta * k3 if kl_beta else pg, 0.0)
         k3 = torch.where(keep, k3, 0.0)
         # d(pg)/d(logp): -A*r unless a clip (either side, or the dual clip) is the active branch
         clip_active = ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)) | dual
         dpg = torch.where(clip_active, 0.0, -unclipped)
-        dk3 = torch.where(raw_delta.abs() <= bound, 1 - exp_delta, 0.0)  # d k3 / d logp; 0 where clamped
+        dk3 = torch.where(in_bounds, 1 - exp_delta, 0.0)  # d k3 / d logp; 0 where either clamp holds
         ctx.save_for_backward(logits, labels, lse, keep, dpg, dk3)
         ctx.temperature, ctx.kl_beta, ctx.tp_group, ctx.inplace = temperature, kl_beta, tp_group, inplace_backward
         return loss, logp, k3

@@ -4,7 +4,8 @@ tested against. Log-softmax runs in fp32 from any input dtype.
 Conventions (see DESIGN.md), per token with temperature T:
   logp = z_y/T - logsumexp(z/T);  r = exp(logp - logp_old)
   pg = -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A), and for A < 0 at most -A*clip_ratio_c (dual clip)
-  loss = pg + kl_beta * k3,  k3 = exp(d) - d - 1,  d = clamp(ref - logp, -kl_log_ratio_max, kl_log_ratio_max)
+  loss = pg + kl_beta * k3,  k3 = clamp(exp(d) - d - 1, -kl_max, kl_max),  d = clamp(ref - logp, +-kl_log_ratio_max)
+  (each clamp passes no gradient where it holds, as verl's low_var_kl does; kl_max None: no value bound)
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def masked_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torc
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
               clip_high: float = 0.2, clip_ratio_c: Optional[float] = 3.0, kl_beta: float = 0.0,
-              kl_log_ratio_max: float = 20.0, tp_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              kl_log_ratio_max: float = 20.0, kl_max: Optional[float] = 10.0, tp_group=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (loss, logp, k3) in fp32; masked tokens give 0 and no gradient."""
     keep = mask.bool()
     logp = masked_token_logprobs(logits, labels, keep, temperature=temperature, tp_group=tp_group)
@@ -108,6 +110,8 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
         pg = torch.where(dual, -adv * clip_ratio_c, pg)
     delta = torch.clamp(ref_logprobs.detach().float() - logp, -kl_log_ratio_max, kl_log_ratio_max)
     k3 = torch.exp(delta) - delta - 1
+    if kl_max is not None:
+        k3 = torch.clamp(k3, -kl_max, kl_max)
     loss = pg + kl_beta * k3 if kl_beta else pg  # kl_beta = 0: the KL term is off entirely
     zero = torch.zeros_like(loss)
     return torch.where(keep, loss, zero), logp, torch.where(keep, k3, zero)

@@ -17,12 +17,11 @@ import math
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from . import platform
-from .config import CONF_DIR
+from .entry import hydra_main
 from .data import GlobalBatchLoader, SFTDataset
 from .errors import UsageError
 from .training import flops
@@ -126,7 +125,7 @@ def run(cfg: DictConfig) -> None:
     platform.shutdown_distributed()
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="sft", version_base="1.3")
+@hydra_main("sft", "sft")
 def main(cfg: DictConfig) -> None:
     main_guard(run, cfg, "sft")
 

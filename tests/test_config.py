@@ -123,3 +123,35 @@ def test_vocab_padding():
     assert args.padded_vocab_size(8, 128) == 152576  # Megatron's habit: 152064 = 148.5 x 1024
     assert args.padded_vocab_size(8) == 152064  # ours: no padding where TP divides the vocab
     assert model_from_conf(load_model_conf("qwen2_5_vl_72b"))[1].make_vocab_size_divisible_by == 1
+
+
+@pytest.mark.parametrize("config, argv, expected", [
+    ("sft", ["train.learning_rate=1e-5"], r"^train.learning_rate is not an option of conf/sft.yaml \(check its "
+                                          r"spelling\); train has .*\blr\b"),
+    ("grpo", ["+plan.gpu_memory=80"], r"^plan.gpu_memory is not an option of conf/grpo.yaml .*plan has .*gpu_memory_gb"),
+    ("grpo", ["+train.learning_rate=1e-5"], r"^train.learning_rate is not an option"),
+    ("grpo", ["+seed2=3"], r"^seed2 is not an option of conf/grpo.yaml"),
+    ("grpo", ["model=nosuch"], r"^no config model/nosuch.yaml: model= takes .*qwen2_5_vl_7b.*toy"),
+    ("grpo", ["rl.stages=[{"], r"^no viable alternative at input"),
+    ("eval", ["samples=2", "temprature=1"], r"^temprature is not an option of conf/eval.yaml"),
+], ids=["typo", "added-typo", "added-beside-fixed-options", "added-top-level", "missing-config", "unparsable",
+        "eval-typo"])
+def test_a_command_line_hydra_cannot_honour_is_one_line(config, argv, expected):
+    import re
+
+    from megatron_vr1.entry import check_overrides
+
+    problem = check_overrides(config, argv)
+    assert problem is not None and re.search(expected, problem) and "\n" not in problem, problem
+
+
+@pytest.mark.parametrize("config, argv", [
+    ("grpo", ["+rl.engine_options.tensor_parallel=1", "rl.engine=megatron"]),  # an open section takes new keys
+    ("grpo", ["recipe=grpo_7b", "train.lr=1e-5"]),
+    ("sft", ["--help"]),  # Hydra's own flags are Hydra's
+    ("demo", ["out=x", "hydra.run.dir=."]),
+])
+def test_a_command_line_hydra_can_honour_passes(config, argv):
+    from megatron_vr1.entry import check_overrides
+
+    assert check_overrides(config, argv) is None

@@ -254,6 +254,32 @@ def test_megatron_engine_evaluates_as_the_hf_engine(toy_checkpoints, tmp_path):
     assert sum(len(r[1]) for r in want) > 50
 
 
+def test_several_samples_per_record(toy_checkpoints, tmp_path):
+    """samples=k: k responses per record (one line each), accuracy their mean over every sample,
+    pass@k the share of records with a right one; the same seed gives the same samples; greedy
+    samples are all one response; samples < 1 is refused."""
+    from megatron_vr1.errors import UsageError
+
+    root = toy_checkpoints
+    data = root / "data" / "eval.jsonl"
+    summary = _eval(tmp_path / "s", root / "mcore", data, temperature=1.0, samples=3, limit=4, seed=5)
+    rows = _rows(tmp_path / "s")
+    assert [(r["index"], r["sample"]) for r in rows] == [(i, k) for i in range(4) for k in range(3)]
+    assert len({r["response"] for r in rows}) > 4  # sampled: the samples of a record differ
+    entry = summary["benchmarks"]["mathvista"]
+    assert (entry["records"], entry["overall"]["n"]) == (4, 12)
+    assert entry["overall"]["accuracy"] == pytest.approx(100 * sum(r["correct_first_attempt"] for r in rows) / 12)
+    right = {r["index"] for r in rows if r["correct_first_attempt"]}
+    assert entry["pass_at_k"] == pytest.approx(100 * len(right) / 4)
+    _eval(tmp_path / "again", root / "mcore", data, temperature=1.0, samples=3, limit=4, seed=5)
+    assert [r["response"] for r in _rows(tmp_path / "again")] == [r["response"] for r in rows]
+    _eval(tmp_path / "g", root / "mcore", data, samples=2, limit=2)
+    greedy = _rows(tmp_path / "g")
+    assert greedy[0]["response"] == greedy[1]["response"] and greedy[2]["response"] == greedy[3]["response"]
+    with pytest.raises(UsageError, match="samples must be >= 1"):
+        _eval(tmp_path / "none", root / "mcore", data, samples=0)
+
+
 def test_killed_evaluation_resumes_without_repeats_or_losses(toy_checkpoints, tmp_path):
     """SIGKILL once the first batch is on disk (and a torn line after it), then the same command
     again: every record once, and the same results as an uninterrupted run (greedy)."""

@@ -150,3 +150,79 @@ def test_engine_log_probs_equal_the_policy_at_tp2(tmp_path, toy_tokenizer_dir):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["tp"] == 2 and result["tokens"] > 10
     assert result["max_diff"] <= 1e-4, result
+
+
+def _text_sequences(n: int, seed: int):
+    """``n`` text-only prompt + response sequences of varied lengths (no images)."""
+    from megatron_vr1.data.template import Sample
+    from megatron_vr1.rl.grpo import RolloutSequence, response_sample
+
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i in range(n):
+        p = int(torch.randint(3, 9, (1,), generator=g))
+        prompt = Sample(torch.randint(0, 400, (p,), generator=g), torch.zeros(p, dtype=torch.bool),
+                        torch.arange(p).expand(3, p), torch.zeros(0, 1176), torch.zeros(0, 3, dtype=torch.long))
+        response = torch.randint(0, 400, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        seqs.append(RolloutSequence(response_sample(prompt, response), float(i)))
+    return seqs
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_each_ppo_epoch_splits_anew_and_the_log_probs_follow_their_tokens(cp):
+    """Every PPO epoch takes its own split of the step's sequences into mini-batches (each a
+    partition of them); old and reference log-probs captured on the first epoch's micro-batches
+    land on the very same tokens in a later epoch's, also on context-parallel shares."""
+    from megatron_vr1.rl.grpo import SEQUENCE, TokenValues, micro_batches, mini_batches
+
+    seqs = _text_sequences(23, seed=5)
+    splits = [mini_batches(seqs, 3, seed) for seed in (11, 12, 13)]
+    for split in splits:
+        assert sorted(i for part in split for i in part) == list(range(23))
+    assert splits[0] != splits[1] and splits[1] != splits[2]
+
+    def plan(split, rank):
+        return [[b.context_shard(cp, rank) for b in micro_batches(
+            seqs, None, max_tokens=40, pad_to=2 * cp if cp > 1 else 1, pad_id=0,
+            sequence_multiple=2 * cp if cp > 1 else 1, indices=part)] for part in split]
+
+    def truth(batch):  # a value of the token itself: its sequence and its position there (text: all alike)
+        return torch.where(batch.loss_mask, 1000.0 * batch.extras[SEQUENCE] + batch.position_ids[0], 0.0)
+
+    for rank in range(cp):  # each rank keeps its own share's values
+        first = [b for part in plan(splits[0], rank) for b in part]
+        for b in first:
+            b.extras["old_logprobs"] = truth(b)
+            b.extras["ref_logprobs"] = -truth(b)
+        kept = TokenValues(first, ("old_logprobs", "ref_logprobs"))
+        later = [kept.attach(b) for part in plan(splits[1], rank) for b in part]
+        assert sum(int(b.loss_mask.sum()) for b in later) == sum(int(b.loss_mask.sum()) for b in first) > 0
+        for b in later:
+            torch.testing.assert_close(b.extras["old_logprobs"], truth(b), rtol=0, atol=0)
+            torch.testing.assert_close(b.extras["ref_logprobs"], -truth(b), rtol=0, atol=0)
+
+
+def test_rl_settings_refuse_unknown_options_and_bad_bounds():
+    """The trainer's own check of rl.loss / rl.reward (a config built in code, not through the
+    command line's check): unknown keys and out-of-range values name themselves."""
+    from omegaconf import OmegaConf
+
+    from megatron_vr1.errors import UsageError
+    from megatron_vr1.rl.settings import check_rl_settings
+
+    def rl(**over):
+        base = {"loss": {"kl_beta": 0.01, "kl_max": 10.0, "advantage_std": "unbiased"}, "reward": {"workers": 2}}
+        for key, value in over.items():
+            section, name = key.split("__")
+            base[section][name] = value
+        return OmegaConf.create(base)
+
+    loss, reward = check_rl_settings(rl(reward__shuffle=True, loss__kl_max=None))
+    assert (loss.kl_max, reward.shuffle, reward.workers, reward.require_final_answer) == (None, True, 2, True)
+    for over, message in [({"loss__kl_maximum": 5}, r"unknown option\(s\) rl.loss.kl_maximum; rl.loss has .*kl_max"),
+                          ({"reward__shufle": True}, r"unknown option\(s\) rl.reward.shufle; rl.reward has .*shuffle"),
+                          ({"loss__kl_max": -1.0}, r"rl.loss.kl_max must be > 0"),
+                          ({"reward__timeout": 0}, r"rl.reward.timeout > 0"),
+                          ({"reward__warn_timeout_share": 2}, r"warn_timeout_share must lie in \[0, 1\]")]:
+        with pytest.raises(UsageError, match=message):
+            check_rl_settings(rl(**over))

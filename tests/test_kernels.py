@@ -420,7 +420,7 @@ def test_no_signal_gives_no_nan_even_when_exp_overflows(backend):
     ref[1] = logp[1] + 100.0  # k3 = e^100 - 101 once the log-ratio bound is lifted past 100
     x = logits.clone().requires_grad_()
     loss, _, kl = grpo_loss(x, labels, old, ref, adv, mask, backend=backend,
-                            **dict(KW, kl_beta=0.0, kl_log_ratio_max=200.0))
+                            **dict(KW, kl_beta=0.0, kl_log_ratio_max=200.0, kl_max=None))
     loss.sum().backward()  # the objective leaves k3 out (0 * inf would be NaN in the forward too)
     grad = x.grad
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (loss, grad.isfinite().all(1))
@@ -543,12 +543,43 @@ def test_k3_log_ratio_is_bounded(backend):
     logits, labels, old, ref, adv, mask = _case(t=4, v=300, seed=7)
     ref = ref.clone()
     ref[2] = ref[2] + 60.0  # ref - logp far beyond the bound: exp would overflow fp32
-    loss, logp, kl, grad = _run(backend, logits, labels, old, ref, adv, mask, weights=(0.0, 0.0, 1.0), **KW)
+    loss, logp, kl, grad = _run(backend, logits, labels, old, ref, adv, mask, weights=(0.0, 0.0, 1.0),
+                                **dict(KW, kl_max=None))
     d = 20.0
     assert kl[2].item() == pytest.approx(torch.tensor(d).exp().item() - d - 1, rel=1e-5)
     assert torch.isfinite(loss).all() and (grad[2] == 0).all() and grad[0].abs().sum() > 0
     _assert_match(_run(backend, logits, labels, old, ref, adv, mask, **KW),
                   _textbook(logits, labels, old, ref, adv, mask, **KW), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_max", [10.0, 1.0, None])
+def test_k3_value_is_bounded_by_kl_max(backend, kl_max):
+    """k3 is clamped to [-kl_max, kl_max] with no gradient where the clamp holds (verl's bound):
+    value and gradient against the float64 textbook, for rows on both sides of the bound."""
+    logits, labels, old, ref, adv, mask = _case(t=8, v=300, seed=11)
+    z = logits.double() / KW["temperature"]
+    logp = (z - torch.logsumexp(z, -1, keepdim=True)).gather(1, labels[:, None])[:, 0].float()
+    # ref - logp = d gives k3 = e^d - d - 1: 0.08 (d=0.4), 4.4 (2), 15 (3), 5e3 (9), 2.05 (-3), 4.9e8 (20+);
+    # rows 1 and 5 are off the mask
+    for row, d in enumerate([0.4, 1.2, 2.0, 3.0, 9.0, 25.0, 25.0, -3.0]):
+        ref[row] = logp[row] + d
+    weights = (1.0, 0.0, 0.5)  # the KL term through the loss and through k3 itself
+    ours = _run(backend, logits, labels, old, ref, adv, mask, weights=weights, **dict(KW, kl_max=kl_max))
+    _assert_match(ours, _textbook(logits, labels, old, ref, adv, mask, weights=weights, **dict(KW, kl_max=kl_max)),
+                  rtol=1e-5, atol=1e-5)
+    kl, grad = ours[2], ours[3]
+    if kl_max is None:
+        assert kl.max() > 1e8  # d = 25 is held at 20 by kl_log_ratio_max alone
+    else:
+        assert kl.max() <= kl_max + 1e-6
+        # rows where the bound holds carry the policy term's gradient only: the same as with no KL
+        bounded = (kl >= kl_max - 1e-6) & mask
+        assert bounded.any()
+        no_kl = _run(backend, logits, labels, old, ref, adv, mask, weights=(1.0, 0.0, 0.0), **dict(KW, kl_beta=0.0))
+        torch.testing.assert_close(grad[bounded], no_kl[3][bounded], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kl_max must be positive"):
+        kernels.grpo_loss(logits, labels, old, ref, adv, mask, kl_max=0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,10 +1,16 @@
-"""The hard formatting result reward: format, correctness in many notations, pathological input."""
+"""The hard formatting result reward: format, correctness in many notations, what cannot be gamed
+(anagrams, hedges, near misses), pathological input, and a pool that is warm before its first
+deadline."""
 
+import random
+import subprocess
+import sys
 import time
 
 import pytest
 
-from megatron_vr1.rl.reward import RewardPool, extract_answer, hard_format_result_reward
+from megatron_vr1.rl.reward import (RewardPool, answer_of, extract_answer, hard_format_result_reward, is_equivalent,
+                                    score)
 
 
 def fmt(answer: str, think: str = "I work it out.") -> str:
@@ -43,9 +49,40 @@ BAD_FORMAT = [
 ]
 WHITESPACE_OK = [
     "\n<think>\nstep one\nstep two\n</think>\n\n<answer>\nFinal Answer: 5\n</answer>\n",
+    "  <think>a</think><answer>Final Answer:5</answer>  ",
+    "<think></think><answer> Final Answer:  5 </answer>",
+    "<think> a </think>\t<answer>Final Answer: 5</answer>",
+]
+# without "Final Answer:" as Vision-R1 spells it: well-formed only with require_final_answer=false
+LOOSE_FINAL = [
     "  <think>a</think><answer>5</answer>  ",
     "<think></think><answer> FINAL ANSWER: 5 </answer>",
     "<think> a </think>\t<answer>final answer 5</answer>",
+    "<think> a </think><answer> Final answer 5 </answer>",
+]
+# what a policy finds when the reward pays for it: each must earn nothing
+GAMED = [
+    ("erd", "red"), ("der", "red"), ("eulb", "blue"), ("nerge", "green"), ("on", "no"), ("sey", "yes"),
+    ("elprup", "purple"), ("ergna", "range"), ("tca", "cat"), ("god", "dog"),  # anagrams of word answers
+    ("5 or 6", "5"), ("5, 6", "5"), ("5; 6", "5"), ("5 and 6", "5"), ("either 5 or 6", "5"), ("\\pm 4", "4"),
+    ("x = \\pm 2", "2"), ("\\{4, -4\\}", "4"), ("4, -4", "4"), ("\\boxed{5} \\boxed{6}", "5"),
+    ("5 \\text{ or } 6", "5"), ("5 \\lor 6", "5"), ("5\\\\6", "5"), ("A or B", "A"), ("A, B", "A"),
+    ("A/B", "A"), ("(A) or (C)", "A"), ("A and D", "A"), ("red or blue", "red"), ("red, blue", "red"),  # hedges
+    ("6 = 5", "5"), ("2x = 10", "5"), ("x > 5", "5"), ("x \\geq 5", "5"),  # relations that are not the value
+    ("5.1", "5"), ("4.99", "5"), ("50", "5"), ("-5", "5"), ("\\frac{1}{3}", "0.33"), ("0.249", "\\frac{1}{4}"),
+    ("12 apples", "12"), ("12 red", "12 erd"), ("3", "three"), ("three", "3"), ("blue light", "light blue"),
+]
+# word answers compare as words, up to case, surrounding whitespace, a full stop and \text{}
+WORDS_RIGHT = [
+    ("red", "red"), ("Red", "red"), (" RED ", "red"), ("red.", "red"), ("\\text{red}", "red"),
+    ("\\text{Red}.", "red"), ("$\\text{red}$", "red"), ("Light Blue", "light blue"), ("yes", "Yes"),
+    ("infinity", "\\infty"),
+]
+# mathematical equivalence still counts
+MATH_RIGHT = [
+    ("a+b", "b+a"), ("0.25", "\\frac{1}{4}"), ("6.0", "6"), ("x = 2", "2"), ("x_1 = 2", "2"), ("AB = 5", "5"),
+    ("1,000", "1000"), ("5 or 6", "5 or 6"), ("3, 2", "2, 3"), ("\\{2, 1\\}", "\\{1, 2\\}"), ("\\pm 2", "\\pm 2"),
+    ("12 \\text{ cm}", "12"), ("3\\pi", "3 \\pi"), ("(B) 15", "B"), ("B. The answer is B", "B"),
 ]
 PATHOLOGICAL = [  # must score 0 quickly, whatever they are
     fmt("9^{9^{9^{9}}}"), fmt("10**10**10"), fmt("2^{2^{2^{2^{2^{2}}}}}"), fmt("99999^{99999999}"),
@@ -55,9 +92,9 @@ PATHOLOGICAL = [  # must score 0 quickly, whatever they are
     fmt("__import__('os').system('touch {marker}')"), fmt("exec('import os; os.remove(\"{marker}\")')"),
 ]
 
-CASES = [(fmt(a), g, 1.0) for a, g in RIGHT] + [(fmt(a), g, 0.0) for a, g in WRONG] + \
-    [(r, "5", 0.0) for r in BAD_FORMAT] + [(r, "5", 1.0) for r in WHITESPACE_OK] + \
-    [(r, "5", 0.0) for r in PATHOLOGICAL]
+CASES = [(fmt(a), g, 1.0) for a, g in RIGHT + WORDS_RIGHT + MATH_RIGHT] + \
+    [(fmt(a), g, 0.0) for a, g in WRONG + GAMED] + [(r, "5", 0.0) for r in BAD_FORMAT + LOOSE_FINAL] + \
+    [(r, "5", 1.0) for r in WHITESPACE_OK] + [(r, "5", 0.0) for r in PATHOLOGICAL]
 LIMIT = 1.5  # seconds per response, the pool's 1 s timeout plus its kill margin and bookkeeping
 
 
@@ -69,6 +106,7 @@ def pool():
 
 def test_there_are_enough_cases():
     assert len(CASES) >= 60
+    assert len(GAMED) >= 40
 
 
 @pytest.mark.parametrize("response, gold, expected", CASES,
@@ -101,6 +139,7 @@ def test_two_hundred_at_once_with_nothing_hung(pool):
 
 def test_the_module_function_and_the_accuracy_apart_from_format(pool):
     assert hard_format_result_reward(fmt("\\frac{1}{2}"), "0.5") == 1.0
+    assert hard_format_result_reward(fmt("erd"), "red") == 0.0
     assert hard_format_result_reward("The answer is <answer> 0.5 </answer>", "0.5") == 0.0
     info = pool.score(["The answer is <answer> Final Answer: 0.5 </answer>"], ["1/2"])[0]
     assert (info.reward, info.format_ok, info.correct) == (0.0, False, True)  # right, but not well-formed
@@ -109,3 +148,101 @@ def test_the_module_function_and_the_accuracy_apart_from_format(pool):
     assert extract_answer("no answer here") is None
     with pytest.raises(ValueError, match="2 responses but 1 answers"):
         pool.score(["a", "b"], ["1"])
+
+
+def test_without_final_answer_required_the_loose_spellings_are_well_formed():
+    with RewardPool(workers=1, timeout=1.0, require_final_answer=False) as loose:
+        infos = loose.score(LOOSE_FINAL + WHITESPACE_OK + BAD_FORMAT[:3], ["5"] * (len(LOOSE_FINAL) + len(WHITESPACE_OK) + 3))
+    assert [i.reward for i in infos] == [1.0] * (len(LOOSE_FINAL) + len(WHITESPACE_OK)) + [0.0] * 3
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+
+
+def test_no_two_different_words_earn_the_reward():
+    """A property over random pairs of different words (a third of them anagrams of each other,
+    in varied case and with the wrappers the comparison ignores): none is equivalent, and through
+    the reward none is paid."""
+    rng = random.Random(0)
+    pairs = []
+    while len(pairs) < 600:
+        gold = _word(rng)
+        if len(pairs) % 3 == 0:
+            letters = list(gold)
+            rng.shuffle(letters)
+            said = "".join(letters)
+        else:
+            said = _word(rng)
+        if said == gold:
+            continue
+        said = rng.choice([said, said.upper(), said.capitalize(), f"\\text{{{said}}}", f"{said}.", f" {said} "])
+        pairs.append((said, gold))
+    assert not [p for p in pairs if is_equivalent(*p)]
+    assert all(score(fmt(s), g).reward == 0.0 for s, g in pairs[:150])
+    assert all(score(fmt(g.upper()), g).reward == 1.0 for _, g in pairs[:50])  # the same word always is
+
+
+def test_what_the_reward_calls_well_formed_the_evaluation_reads_alike():
+    """Random responses built from the format's pieces (tags, whitespace, "Final Answer:" in its
+    spellings, stray text): wherever the reward calls a response well-formed, the evaluation
+    (megatron_vr1.eval) extracts the very answer the reward judged, and agrees on correctness."""
+    from megatron_vr1.eval import extract_answer as eval_extract, is_correct
+
+    rng = random.Random(1)
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "Final Answer:", "final answer",
+              "FINAL ANSWER:", "Final Answer: ", "5", "red", "I think", "<answer>", "\\boxed{5}", "x = 5"]
+    skeleton = ["<think>", " a ", "</think>", "<answer>", "Final Answer:", " 5 ", "</answer>"]
+    seen = 0
+    for _ in range(3000):
+        parts = list(skeleton)
+        for _ in range(rng.randint(0, 3)):  # mutate: insert, drop or replace pieces
+            k = rng.randrange(len(parts) + 1)
+            op = rng.random()
+            if op < 0.4:
+                parts.insert(k, rng.choice(pieces))
+            elif op < 0.7 and k < len(parts):
+                parts.pop(k)
+            elif k < len(parts):
+                parts[k] = rng.choice(pieces)
+        response = "".join(parts)
+        for gold in ("5", "red"):
+            for strict in (True, False):
+                answer = answer_of(response, strict)
+                info = score(response, gold, strict)
+                assert info.format_ok == (answer is not None)
+                if answer is None:
+                    continue
+                seen += 1
+                assert eval_extract(response) == answer, response
+                assert is_correct(eval_extract(response), {"answer": gold}) == info.correct, response
+    assert seen > 1000
+
+
+def test_a_fresh_pool_on_a_loaded_cpu_scores_every_right_answer_in_its_first_call():
+    """Four busy processes on this machine's cores, then a fresh four-worker pool: its very first
+    call pays every right answer (a cold start's imports never count against a deadline)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        time.sleep(1.0)
+        right = [(fmt(a), g) for a, g in (RIGHT + MATH_RIGHT + WORDS_RIGHT)[:16]]
+        with RewardPool(workers=4, timeout=1.0) as fresh:
+            infos = fresh.score([r for r, _ in right], [g for _, g in right])
+            assert [i.reward for i in infos] == [1.0] * 16, infos
+            assert fresh.timeouts == 0
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def test_a_step_with_many_timeouts_warns():
+    from megatron_vr1.rl.reward import RewardInfo, RewardSettings, timeout_warning
+
+    settings = RewardSettings(timeout=1.0, warn_timeout_share=0.1)
+    ok, late = RewardInfo(1.0, True, True), RewardInfo(0.0, True, False, timed_out=True)
+    assert timeout_warning(3, [ok] * 9 + [late], settings) is None  # 10%: at the share, no warning
+    line = timeout_warning(3, [ok] * 8 + [late] * 2, settings)
+    assert line == ("grpo: warning: step 3: 2 of 10 responses ran out of the 1 s scoring time and were paid 0; "
+                    "raise rl.reward.timeout or rl.reward.workers")
+    assert timeout_warning(1, [], settings) is None

@@ -1,5 +1,7 @@
-"""GRPO with PTST (python -m megatron_vr1.rl) on CPU: learning, stage switch, layout equivalence,
-resume after SIGKILL, bad input."""
+"""GRPO with PTST (python -m megatron_vr1.rl) on CPU: layout equivalence (with two PPO epochs, each
+on its own mini-batch split), engines, resume after SIGKILL, the run without a reference model,
+bad input. That GRPO learns, on held-out prompts beside a shuffled-reward control, is
+tests/test_demo.py's."""
 
 import json
 import os
@@ -60,38 +62,12 @@ def colour_task(tmp_path_factory, toy_tokenizer_dir):
 
 def rl_args(root: Path, init: Path, tokenizer: Path, stages: str, *extra: str) -> list[str]:
     return [f"data.train={root / 'data' / 'rl.jsonl'}", f"tokenizer={tokenizer}", f"init_from={init}",
-            f"rl.stages={stages}", "rl.rollout.prompts_per_step=16", "rl.mini_batches=1",
+            f"rl.stages={stages}", "rl.rollout.prompts_per_step=16", "rl.mini_batches=2", "rl.ppo_epochs=2",
             "rl.micro_batch_tokens=512", "data.max_prompt_tokens=128", "train.lr=3e-4", "data.num_workers=0",
             "rl.reward.workers=1", "metrics.tensorboard=false", *extra]
 
 
 SHORT = "[{max_response_tokens: 32, group_size: 4, steps: 2}, {max_response_tokens: 48, group_size: 2, steps: 2}]"
-
-
-def test_grpo_raises_the_reward_and_switches_stage(tmp_path, colour_task, toy_tokenizer_dir):
-    """From a cold start whose sampled reward is under 0.5, GRPO lifts the three-step running mean
-    of the reward by at least 0.1 over its first three steps, and the PTST stage switches at its
-    step to the new length and group size."""
-    root, init = colour_task
-    stages = "[{max_response_tokens: 32, group_size: 8, steps: 8}, {max_response_tokens: 48, group_size: 4, steps: 6}]"
-    run_dir = tmp_path / "rl"
-    args = [a for a in rl_args(root, init, toy_tokenizer_dir, stages, "checkpoint.every=100")
-            if not a.startswith("train.lr=")]
-    launch("megatron_vr1.rl", run_dir, 1, *args, "train.lr=1e-3")
-    m = metrics(run_dir)
-    rewards = [x["reward_mean"] for x in m]
-    running = [sum(rewards[i:i + 3]) / 3 for i in range(len(rewards) - 2)]
-    assert rewards[0] < 0.5, rewards
-    assert max(running[len(running) // 2:]) >= running[0] + 0.1, rewards
-    assert [x["stage"] for x in m] == [1] * 8 + [2] * 6
-    assert {(x["group_size"], x["max_response_tokens"]) for x in m[:8]} == {(8, 32)}
-    assert {(x["group_size"], x["max_response_tokens"]) for x in m[8:]} == {(4, 48)}
-    assert all(x["response_length_max"] <= x["max_response_tokens"] for x in m)
-    for key in ("accuracy", "format_rate", "response_length_mean", "truncated_frac", "clip_frac", "kl", "entropy",
-                "grad_norm", "adv_mean", "adv_std", "tokens_per_s", "time_rollout", "time_reward",
-                "time_old_logprobs", "time_ref_logprobs", "time_update", "time_sync"):
-        assert all(key in x for x in m), key
-    assert not (run_dir / "reference").exists()  # init_from is the reference; nothing to keep beside
 
 
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["model.parallel.tensor_parallel=2", "model.parallel.sequence_parallel=true"]),
@@ -166,8 +142,12 @@ def test_megatron_engine_runs_grpo_like_the_hf_engine(tmp_path, colour_task, toy
     greedy = ("checkpoint.every=100", "rl.rollout.temperature=0")
     tp2 = ("model.parallel.tensor_parallel=2", "model.parallel.sequence_parallel=true", "rl.engine=megatron")
     runs = {"hf": (1, ()), "megatron": (2, tp2), "megatron-copy": (2, (*tp2, "+rl.engine_options.tensor_parallel=1"))}
+    # one update per step: with every advantage 0, each Adam step turns rounding-level gradients,
+    # which differ between TP=1 and TP=2, into full-size steps; four per step drift too far apart
+    one_update = [a for a in rl_args(root, init, toy_tokenizer_dir, SHORT, *greedy)
+                  if not a.startswith(("rl.mini_batches=", "rl.ppo_epochs="))] + ["rl.mini_batches=1"]
     for name, (nproc, extra) in runs.items():
-        launch("megatron_vr1.rl", tmp_path / name, nproc, *rl_args(root, init, toy_tokenizer_dir, SHORT, *greedy, *extra))
+        launch("megatron_vr1.rl", tmp_path / name, nproc, *one_update, *extra)
     base = metrics(tmp_path / "hf")
     assert all(x["entropy"] > 0 and x["response_length_mean"] > 5 for x in base)
     for name in ("megatron", "megatron-copy"):
@@ -207,12 +187,28 @@ def test_resume_after_sigkill_mid_stage(tmp_path, rl_references, colour_task, to
             assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-9), (k, got, want)
 
 
+def test_without_a_reference_there_is_no_kl(tmp_path, colour_task, toy_tokenizer_dir):
+    """kl_beta=0: no reference model, so no KL in the metrics (not a 0); the scoring time-outs are
+    counted per step (none here)."""
+    root, init = colour_task
+    run_dir = tmp_path / "run"
+    one_step = "[{max_response_tokens: 32, group_size: 2, steps: 1}]"
+    launch("megatron_vr1.rl", run_dir, 1, *rl_args(root, init, toy_tokenizer_dir, one_step), "rl.loss.kl_beta=0")
+    (m,) = metrics(run_dir)
+    assert "kl" not in m and "entropy" in m and "time_ref_logprobs" not in m
+    assert m["reward_timeouts"] == 0 and m["format_rate"] > 0
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["rl.micro_batch_tokens=64"], "must hold a prompt and a full response"),
+    (["rl.loss.kl_maximum=5"], r"rl.loss.kl_maximum is not an option of conf/grpo.yaml .*rl.loss has .*kl_max"),
+    (["+rl.reward.shufle=true"], r"rl.reward.shufle is not an option of conf/grpo.yaml .*rl.reward has .*shuffle"),
+    (["rl.loss.kl_max=0"], r"rl.loss.kl_max must be > 0 \(or null for no bound\), got 0"),
     (["rl.engine=sglang"], "rl.engine must be hf, megatron or vllm"),
     (["rl.stages=[{max_response_tokens: 8, steps: 1}]"], r"rl.stages\[0\] needs group_size"),
     (["rl.engine=megatron", "model.parallel.context_parallel=2"], r"context_parallel=2 use rl.engine=hf"),
-], ids=["micro-batch-too-small", "unknown-engine", "stage-missing-key", "engine-under-context-parallelism"])
+], ids=["micro-batch-too-small", "unknown-loss-option", "unknown-reward-option-added", "kl-max-zero", "unknown-engine",
+        "stage-missing-key", "engine-under-context-parallelism"])
 def test_bad_rl_input_is_one_clear_line(tmp_path, colour_task, toy_tokenizer_dir, overrides, message):
     import re
 

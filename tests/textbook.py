@@ -22,11 +22,12 @@ def advantages(rewards: list[float], sizes: list[int], std, eps: float) -> list[
 
 
 def grpo(logits: torch.Tensor, labels, old, ref, adv, mask, *, temperature, clip_low, clip_high, kl_beta,
-         clip_ratio_c=3.0, kl_log_ratio_max=20.0):
+         clip_ratio_c=3.0, kl_log_ratio_max=20.0, kl_max=10.0):
     """Per-token (loss, logp, k3) from full-vocab logits in float64, differentiable.
 
     Dual clip (verl): a negative advantage's loss is ``min(PPO loss, -A * clip_ratio_c)``; k3's
-    log-ratio is clamped to ``+-kl_log_ratio_max``."""
+    log-ratio is clamped to ``+-kl_log_ratio_max``, and k3 itself to ``+-kl_max`` (verl's
+    low_var_kl bound; ``None``: unbounded)."""
     z = logits.double() / temperature
     losses, logps, kls = [], [], []
     for t in range(z.shape[0]):
@@ -42,5 +43,7 @@ def grpo(logits: torch.Tensor, labels, old, ref, adv, mask, *, temperature, clip
             pg = torch.minimum(pg, torch.tensor(-a * clip_ratio_c, dtype=pg.dtype))
         d = torch.clamp(float(ref[t]) - logp, -kl_log_ratio_max, kl_log_ratio_max)
         k3 = torch.exp(d) - d - 1
+        if kl_max is not None:
+            k3 = torch.clamp(k3, -kl_max, kl_max)
         losses.append(pg + kl_beta * k3); logps.append(logp); kls.append(k3)
     return torch.stack(losses), torch.stack(logps), torch.stack(kls)

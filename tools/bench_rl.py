@@ -3,8 +3,10 @@
     python tools/bench_rl.py reward [--responses 2000] [--workers 1 2 4]
     python tools/bench_rl.py step [--steps 6] [--prompts 16] [--group 8] [--max-response-tokens 64]
 
-``reward`` scores a mix of typical responses (right and wrong answers in several notations,
-broken formats, a few pathological ones) with the reward pool. ``step`` runs the real trainer
+``reward`` scores a mix of typical responses with the reward pool at each worker count: right
+and wrong answers of every kind the reward tells apart (numbers, fractions, expressions,
+multiple-choice letters, word answers and their anagrams, hedges), broken formats and a few
+pathological ones. ``step`` runs the real trainer
 (``python -m megatron_vr1.rl``) on the demo generator's colour task with the toy model and
 reports the median time of each phase (the first step, which warms up, left out).
 """
@@ -25,13 +27,18 @@ from pathlib import Path
 PHASES = ("rollout", "reward", "old_logprobs", "ref_logprobs", "update", "sync")
 
 
+# (answer as written, gold): each kind of answer the reward tells apart, right and wrong
+ANSWER_KINDS = [("5", "5"), ("\\frac{1}{2}", "0.5"), ("x = 3", "3"), ("(B)", "B"), ("12.50", "12.5"),
+                ("\\sqrt{8}", "2\\sqrt{2}"), ("7", "8"), ("30^\\circ", "30"), ("-\\frac{3}{4}", "-0.75"),
+                ("a+b", "b+a"), ("red", "red"), ("Light Blue", "light blue"), ("erd", "red"), ("C", "B"),
+                ("5 or 6", "5"), ("\\pm 4", "4"), ("A or B", "A"), ("6 = 5", "5"), ("\\text{yes}", "Yes")]
+
+
 def typical_responses(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     rng = random.Random(seed)
-    kinds = [("5", "5"), ("\\frac{1}{2}", "0.5"), ("x = 3", "3"), ("(B)", "B"), ("12.50", "12.5"),
-             ("\\sqrt{8}", "2\\sqrt{2}"), ("7", "8"), ("30^\\circ", "30"), ("-\\frac{3}{4}", "-0.75")]
     responses, golds = [], []
     for _ in range(n):
-        pred, gold = rng.choice(kinds)
+        pred, gold = rng.choice(ANSWER_KINDS)
         think = " ".join(rng.choice(("so", "the", "angle", "is", "we", "get", "3", "+", "4")) for _ in range(200))
         r = rng.random()
         if r < 0.1:
@@ -49,12 +56,12 @@ def bench_reward(opts) -> None:
     from megatron_vr1.rl.reward import RewardPool
 
     responses, golds = typical_responses(opts.responses)
-    print(f"{opts.responses} responses (~200-word think, math answers; 10% broken format, 2% pathological):")
+    print(f"{opts.responses} responses (~200-word think; {len(ANSWER_KINDS)} answer kinds: numbers, fractions, "
+          f"expressions, letters, words, anagrams, hedges; 10% broken format, 2% pathological):")
     print("| workers | responses/s |")
     print("| --- | --- |")
     for workers in opts.workers:
-        with RewardPool(workers=workers) as pool:
-            pool.score(responses[:20], golds[:20])  # imports and parser caches warm
+        with RewardPool(workers=workers) as pool:  # forks warm: nothing to warm up here
             start = time.perf_counter()
             pool.score(responses, golds)
             print(f"| {workers} | {opts.responses / (time.perf_counter() - start):.0f} |")
@@ -95,7 +102,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     reward = sub.add_parser("reward")
     reward.add_argument("--responses", type=int, default=2000)
-    reward.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    reward.add_argument("--workers", type=int, nargs="+", default=[1, 4])
     step = sub.add_parser("step")
     step.add_argument("--steps", type=int, default=6)
     step.add_argument("--prompts", type=int, default=16)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from ..training import quiet  # noqa: F401  (first: before megatron-core is imported)
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR, model_from_conf
+from ..config import model_from_conf
+from ..entry import hydra_main
 from ..models.qwen2_5_vl.parallel import parameter_counts_by_rank
 from ..planning import stage_layers
 
@@ -31,7 +31,7 @@ def report(model_cfg: DictConfig) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="inspect", version_base="1.3")
+@hydra_main("inspect", "inspect_model")
 def main(cfg: DictConfig) -> None:
     print(report(cfg.model))
 

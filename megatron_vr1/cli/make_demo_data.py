@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR
+from ..entry import hydra_main
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="demo_data", version_base="1.3")
+@hydra_main("demo_data", "make_demo_data")
 def main(cfg: DictConfig) -> None:
     from ..data.demo import generate
     from ..data.tokenizer import build_offline_tokenizer, build_toy_tokenizer
@@ -20,9 +19,9 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"make_demo_data: error: tokenizer must be toy, qwen or null, got {cfg.tokenizer!r}")
     try:
         counts = generate(cfg.out, n_sft=cfg.n_sft, n_rl=cfg.n_rl, n_eval=cfg.n_eval, seed=cfg.seed,
-                          kinds=tuple(cfg.kinds))
+                          kinds=tuple(cfg.kinds), sft_answers=str(cfg.sft_answers))
     except ValueError as e:
-        raise SystemExit(f"make_demo_data: error: kinds: {e}")
+        raise SystemExit(f"make_demo_data: error: {e}")
     if builders[cfg.tokenizer] is not None:
         builders[cfg.tokenizer](Path(cfg.out) / "tokenizer")
     print(f"wrote {counts} to {cfg.out}")

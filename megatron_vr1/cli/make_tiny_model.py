@@ -12,11 +12,10 @@ import copy
 import shutil
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import CONF_DIR
+from ..entry import hydra_main
 from ..training.setup import main_guard
 
 
@@ -62,7 +61,7 @@ def run(cfg: DictConfig) -> None:
     print(f"wrote {out}: {cfg.model.name}, {params:,} parameters, {cfg.tokenizer} tokenizer", flush=True)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="tiny_model", version_base="1.3")
+@hydra_main("tiny_model", "make_tiny_model")
 def main(cfg: DictConfig) -> None:
     main_guard(run, cfg, "make_tiny_model")
 

@@ -7,10 +7,9 @@ import asyncio
 import os
 import sys
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import CONF_DIR
+from ..entry import hydra_main
 from ..errors import UsageError
 
 
@@ -48,7 +47,7 @@ async def main_async(cfg: DictConfig) -> dict:
         await reasoner.close()
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="coldstart", version_base="1.3")
+@hydra_main("coldstart", "coldstart")
 def main(cfg: DictConfig) -> None:
     from ..data.formats import RecordError
 

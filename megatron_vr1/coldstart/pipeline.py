@@ -85,7 +85,8 @@ class Pipeline:
         self.filters = FilterSettings(**{k: (list(map(list, v)) if k == "description_rewrites" else v)
                                          for k, v in cfg.filters.items()})
         self.out = Path(cfg.out)
-        self.verifier = RewardPool(workers=1, timeout=float(cfg.verify_timeout))
+        # judges the reasoner's answer alone (its reply has no Final Answer: to require)
+        self.verifier = RewardPool(workers=1, timeout=float(cfg.verify_timeout), require_final_answer=False)
 
     def _images(self, item: Item) -> list[dict]:
         return [image_part(i) for i in item.images]

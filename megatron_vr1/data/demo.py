@@ -1,9 +1,14 @@
 """Offline demo data: small multimodal math problems drawn with PIL, with exact answers.
 
 Four kinds: counting shapes, reading a bar chart, arithmetic written in the image, and a right
-triangle or rectangle with labelled lengths. Written in the project's formats: SFT samples with
-``<think>``/``<answer>`` traces (ShareGPT JSON), RL records (Geometry3K-style JSONL) and eval
-records (MathVista-style JSONL). Deterministic from the seed.
+triangle or rectangle with labelled lengths; and the colour task, asked for by name. Written in the
+project's formats: SFT samples with ``<think>``/``<answer>`` traces (ShareGPT JSON), RL records
+(Geometry3K-style JSONL) and eval records (MathVista-style JSONL). Deterministic from the seed.
+
+``sft_answers="shuffled"`` makes a cold start that teaches the format but not the task: each SFT
+trace's final answer is another SFT problem's of the same kind, and its reasoning a fixed phrase
+that says nothing about the image. Whatever the model then gets right, it learnt from the RL
+reward.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class Problem:
     answer: str
     reasoning: str
     choices: list[str] | None = None
+
+    @property
+    def blind_reasoning(self) -> str:
+        """Reasoning that reveals nothing about this problem's image (the shuffled cold start's)."""
+        return BLIND_REASONING.get(self.kind, "I read the image and work out the answer.")
 
 
 def _canvas(w: int = 336, h: int = 252) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -140,6 +150,8 @@ def _colour(rng: random.Random) -> Problem:
 
 
 COLOUR_TASK = ("red", "green", "blue")
+BLIND_REASONING = {"colour": "I look at the colour of the shape."}
+SFT_ANSWERS = ("right", "shuffled")
 # eval records carry MathVista's category fields, so that its report breaks accuracy down by them
 MATHVISTA_CATEGORIES = {
     "count": ("visual question answering", ["arithmetic reasoning"]),
@@ -166,8 +178,8 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     return texts
 
 
-def answer_text(p: Problem) -> str:
-    return f"<think> {p.reasoning} </think><answer> Final Answer: {p.answer} </answer>"
+def answer_text(p: Problem, answer: str | None = None, reasoning: str | None = None) -> str:
+    return f"<think> {reasoning or p.reasoning} </think><answer> Final Answer: {answer or p.answer} </answer>"
 
 
 def question_text(p: Problem) -> str:
@@ -175,12 +187,15 @@ def question_text(p: Problem) -> str:
 
 
 def generate(out_dir: str | Path, *, n_sft: int = 64, n_rl: int = 64, n_eval: int = 32, seed: int = 0,
-             kinds: tuple[str, ...] = KINDS) -> dict:
+             kinds: tuple[str, ...] = KINDS, sft_answers: str = "right") -> dict:
     """Write ``images/``, ``sft.json``, ``rl.jsonl`` and ``eval.jsonl`` under ``out_dir``, cycling
-    through the problem ``kinds``."""
+    through the problem ``kinds``. ``sft_answers``: ``right`` (traces that solve their problem) or
+    ``shuffled`` (the format without the task, see the module's docstring)."""
     unknown = set(kinds) - set(_MAKERS)
     if unknown or not kinds:
         raise ValueError(f"unknown demo problem kinds {sorted(unknown)}; known: {sorted(_MAKERS)}")
+    if sft_answers not in SFT_ANSWERS:
+        raise ValueError(f"sft_answers must be one of {SFT_ANSWERS}, got {sft_answers!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -192,11 +207,18 @@ def generate(out_dir: str | Path, *, n_sft: int = 64, n_rl: int = 64, n_eval: in
         p.image.save(out / rel)
         return p, rel
 
+    problems = [make("sft", i) for i in range(n_sft)]
+    answers = [p.answer for p, _ in problems]
+    if sft_answers == "shuffled":  # within each kind, so every answer stays one the kind can have
+        for kind in kinds:
+            idx = [i for i, (p, _) in enumerate(problems) if p.kind == kind]
+            for i, j in zip(idx, random.Random(seed + 1).sample(idx, len(idx))):
+                answers[i] = problems[j][0].answer
     sft = []
-    for i in range(n_sft):
-        p, rel = make("sft", i)
+    for i, ((p, rel), answer) in enumerate(zip(problems, answers)):
+        text = answer_text(p) if sft_answers == "right" else answer_text(p, answer, p.blind_reasoning)
         sft.append({"id": f"sft-{i}", "messages": [{"role": "user", "content": "<image>" + question_text(p)},
-                                                   {"role": "assistant", "content": answer_text(p)}],
+                                                   {"role": "assistant", "content": text}],
                     "images": [rel]})
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
     with open(out / "rl.jsonl", "w") as f:

@@ -1,7 +1,9 @@
 """``python -m megatron_vr1.demo out=<dir>``: demo data, a tiny Hugging Face model, hf-to-mcore,
-cold-start SFT, GRPO with two PTST stages, evaluation of both checkpoints and the export to
-Hugging Face, each through its own entry point; then plots and ``<dir>/report.md``. Running it
-again with the same ``out`` resumes, or says that everything is done (config: ``conf/demo.yaml``)."""
+a cold start that teaches the format but not the task, GRPO with two PTST stages and the same GRPO
+on shuffled rewards (the control), the three checkpoints scored on a held-out set (sampled and
+greedy), and the export to Hugging Face, each through its own entry point; then plots,
+``<dir>/summary.json`` and ``<dir>/report.md``. Running it again with the same ``out`` resumes,
+or says that everything is done (config: ``conf/demo.yaml``)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR
+from ..entry import hydra_main
 from ..errors import UsageError
 
 
 def run(cfg: DictConfig) -> Path:
-    from .pipeline import Layout, StepFailed, checkpoints, load_state, plan, run_step, save_state, settings_of
+    from .pipeline import (Layout, StepFailed, checkpoints, load_state, plan, run_step, save_state, settings_of,
+                           write_summary)
     from .plots import plot_rl, plot_sft, read_metrics
     from .report import write_report
 
@@ -44,17 +46,22 @@ def run(cfg: DictConfig) -> Path:
         print(f"demo [{i}/{len(steps)}] {step.title}: done in {seconds:.1f} s"
               + (f" -> {step.output}" if step.output else ""), flush=True)
     plots = {"sft": plot_sft(read_metrics(where.sft), where.plots / "sft_loss.png"),
-             "rl": plot_rl(read_metrics(where.rl), where.plots / "rl.png")}
-    ckpt = checkpoints(cfg, where)
-    report = write_report(where, steps, state, plots, {"sft": (ckpt["sft"], where.eval_sft),
-                                                       "rl": (ckpt["rl"], where.eval_rl)})
-    ran = time.perf_counter() - start
+             "rl": plot_rl(read_metrics(where.rl), where.plots / "rl.png", control=read_metrics(where.control))}
+    # the demo's time in all: every step's (however many runs it took) and this run's own work
     total = sum(v["seconds"] for v in state["steps"].values())
-    print(f"\ndemo: done ({ran:.0f} s this time, {total:.0f} s of steps in all); report: {report}", flush=True)
+    summary = write_summary(where, total + time.perf_counter() - start - sum(
+        state["steps"][s.name]["seconds"] for s in steps if s.name not in already))
+    report = write_report(where, steps, state, plots, checkpoints(cfg, where), summary)
+    ran = time.perf_counter() - start
+    h = summary["heldout"]
+    print(f"\ndemo: held-out accuracy, sampled (greedy): SFT {h['sft']['sampled']:.3f} ({h['sft']['greedy']:.3f}), "
+          f"RL {h['rl']['sampled']:.3f} ({h['rl']['greedy']:.3f}), control {h['control']['sampled']:.3f} "
+          f"({h['control']['greedy']:.3f})", flush=True)
+    print(f"demo: done ({ran:.0f} s this time, {summary['wall_s']:.0f} s in all); report: {report}", flush=True)
     return report
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="demo", version_base="1.3")
+@hydra_main("demo", "demo")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

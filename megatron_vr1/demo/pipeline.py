@@ -24,7 +24,9 @@ from ..files import write_whole
 
 STATE = "demo_state.json"
 # the settings that change what the steps make (progress bars and the like do not)
-RESULT_KEYS = ("model", "seed", "data", "sft", "rl", "eval")
+RESULT_KEYS = ("model", "seed", "data", "sft", "rl", "heldout")
+RUNS = ("sft", "rl", "control")  # the checkpoints scored on the held-out set
+MODES = ("sampled", "greedy")
 
 
 @dataclass
@@ -49,11 +51,14 @@ class Layout:
     mcore_init = property(lambda self: self.out / "mcore_init")
     sft = property(lambda self: self.out / "sft")
     rl = property(lambda self: self.out / "rl")
-    eval_sft = property(lambda self: self.out / "eval" / "sft")
-    eval_rl = property(lambda self: self.out / "eval" / "rl")
+    control = property(lambda self: self.out / "control")  # GRPO on shuffled rewards
     hf_export = property(lambda self: self.out / "hf_export")
     plots = property(lambda self: self.out / "plots")
     report = property(lambda self: self.out / "report.md")
+    summary = property(lambda self: self.out / "summary.json")
+
+    def heldout(self, run: str, mode: str) -> Path:
+        return self.out / "heldout" / run / mode
 
 
 def _iter(root: Path, step: int) -> Path:
@@ -65,8 +70,9 @@ def rl_steps(cfg: DictConfig) -> int:
 
 
 def checkpoints(cfg: DictConfig, where: Layout) -> dict[str, Path]:
-    """The SFT and RL checkpoints the demo evaluates (their last steps)."""
-    return {"sft": _iter(where.sft, int(cfg.sft.steps)), "rl": _iter(where.rl, rl_steps(cfg))}
+    """The checkpoints the demo scores on the held-out set (each run's last step)."""
+    return {"sft": _iter(where.sft, int(cfg.sft.steps)), "rl": _iter(where.rl, rl_steps(cfg)),
+            "control": _iter(where.control, rl_steps(cfg))}
 
 
 def plan(cfg: DictConfig, where: Layout) -> list[Step]:
@@ -76,10 +82,16 @@ def plan(cfg: DictConfig, where: Layout) -> list[Step]:
     ckpt = checkpoints(cfg, where)
     stages = json.dumps(OmegaConf.to_container(cfg.rl.stages, resolve=True)).replace('"', "")
     d = cfg.data
+    rl = ["-m", "megatron_vr1.rl", f"model={cfg.model}", f"init_from={ckpt['sft']}",
+          f"data.train={where.data / 'rl.jsonl'}", f"seed={cfg.seed}", f"rl.stages={stages}",
+          f"rl.rollout.prompts_per_step={cfg.rl.prompts_per_step}", f"train.lr={cfg.rl.lr}",
+          f"checkpoint.every={rl_steps(cfg)}", f"metrics.tensorboard={tensorboard}", f"metrics.progress={progress}",
+          *cfg.rl.extra]
     steps = [
         Step("data", "demo data", ["-m", "megatron_vr1.cli.make_demo_data", f"out={where.data}",
-                                   f"n_sft={d.n_sft}", f"n_rl={d.n_rl}", f"n_eval={d.n_eval}", f"seed={d.seed}",
-                                   f"kinds=[{','.join(d.kinds)}]", "tokenizer=null"], where.data),
+                                   f"n_sft={d.n_sft}", f"n_rl={d.n_rl}", f"n_eval={d.n_heldout}", f"seed={d.seed}",
+                                   f"kinds=[{','.join(d.kinds)}]", f"sft_answers={d.sft_answers}", "tokenizer=null"],
+             where.data),
         Step("hf_init", "a tiny Hugging Face model", ["-m", "megatron_vr1.cli.make_tiny_model",
                                                       f"out={where.hf_init}", f"model={cfg.model}",
                                                       f"tokenizer={tokenizer}", f"seed={cfg.seed}",
@@ -93,20 +105,22 @@ def plan(cfg: DictConfig, where: Layout) -> list[Step]:
                                        f"train.lr={cfg.sft.lr}", f"checkpoint.every={cfg.sft.steps}",
                                        f"metrics.tensorboard={tensorboard}", f"metrics.progress={progress}",
                                        *cfg.sft.extra], ckpt["sft"]),
-        Step("rl", "GRPO with PTST", ["-m", "megatron_vr1.rl", f"model={cfg.model}", f"init_from={ckpt['sft']}",
-                                      f"data.train={where.data / 'rl.jsonl'}", f"checkpoint.dir={where.rl}",
-                                      f"seed={cfg.seed}", f"rl.stages={stages}",
-                                      f"rl.rollout.prompts_per_step={cfg.rl.prompts_per_step}", f"train.lr={cfg.rl.lr}",
-                                      f"checkpoint.every={rl_steps(cfg)}", f"metrics.tensorboard={tensorboard}",
-                                      f"metrics.progress={progress}", *cfg.rl.extra], ckpt["rl"]),
+        Step("rl", "GRPO with PTST", [*rl, f"checkpoint.dir={where.rl}"], ckpt["rl"]),
+        Step("control", "the control: the same GRPO on shuffled rewards",
+             [*rl, f"checkpoint.dir={where.control}", "rl.reward.shuffle=true"], ckpt["control"]),
     ]
-    for name in ("sft", "rl"):
-        out = where.eval_sft if name == "sft" else where.eval_rl
-        steps.append(Step(f"eval_{name}", f"evaluation of the {name.upper()} checkpoint",
-                          ["-m", "megatron_vr1.eval", f"checkpoint={ckpt[name]}", f"data={where.data / 'eval.jsonl'}",
-                           f"out={out}", f"temperature={cfg.eval.temperature}", f"top_p={cfg.eval.top_p}",
-                           f"max_new_tokens={cfg.eval.max_new_tokens}", f"batch_size={cfg.eval.batch_size}",
-                           f"seed={cfg.seed}", f"progress={progress}", *cfg.eval.extra], out / "summary.md"))
+    h = cfg.heldout
+    for run in RUNS:
+        for mode in MODES:
+            out = where.heldout(run, mode)
+            sampling = [f"temperature={h.temperature}", f"top_p={h.top_p}", f"samples={h.samples}"] \
+                if mode == "sampled" else ["temperature=0", "samples=1"]
+            # the same seed for every checkpoint: sample k of record i draws the same random numbers
+            steps.append(Step(f"heldout_{run}_{mode}", f"held-out set, {run.upper()} checkpoint, {mode}",
+                              ["-m", "megatron_vr1.eval", f"checkpoint={ckpt[run]}",
+                               f"data={where.data / 'eval.jsonl'}", f"out={out}", *sampling,
+                               f"max_new_tokens={h.max_new_tokens}", f"batch_size={h.batch_size}",
+                               f"seed={cfg.seed}", f"progress={progress}"], out / "summary.md"))
     steps += [
         Step("export", "export to Hugging Face", ["-m", "megatron_vr1.cli.convert", "mcore-to-hf", "--mcore",
                                                   str(ckpt["rl"]), "--out", str(where.hf_export), "--overwrite"],
@@ -116,6 +130,24 @@ def plan(cfg: DictConfig, where: Layout) -> list[Step]:
                                                              "--tolerance", "1e-4"], capture=True),
     ]
     return steps
+
+
+def heldout_accuracy(where: Layout) -> dict[str, dict[str, float]]:
+    """Accuracy in [0, 1] on the held-out set, per run and decoding mode, from the evaluations'
+    summaries (mean over every sample of every record)."""
+    out: dict[str, dict[str, float]] = {}
+    for run in RUNS:
+        for mode in MODES:
+            summary = json.loads((where.heldout(run, mode) / "summary.json").read_text())
+            (bench,) = summary["benchmarks"].values()
+            out.setdefault(run, {})[mode] = bench["overall"]["accuracy"] / 100.0
+    return out
+
+
+def write_summary(where: Layout, wall_s: float) -> dict[str, Any]:
+    summary = {"heldout": heldout_accuracy(where), "wall_s": round(wall_s, 1)}
+    write_whole(where.summary, json.dumps(summary, indent=1))
+    return summary
 
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
@@ -141,10 +173,13 @@ def save_state(where: Layout, state: dict[str, Any]) -> None:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a step: a one-process job, whatever launched the demo."""
+    """The environment of a step: a one-process job, whatever launched the demo, with one intra-op
+    thread unless ``OMP_NUM_THREADS`` says otherwise (the toy model's ops are too small to split:
+    on 2 CPU cores a GRPO step took 3.4 s with two threads, 2.0 s with one)."""
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

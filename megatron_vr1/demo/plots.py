@@ -1,5 +1,6 @@
-"""PNG plots of a run's ``metrics.jsonl``: the SFT loss, and GRPO's reward, accuracy and response
-length per step with the PTST stage boundaries marked.
+"""PNG plots of a run's ``metrics.jsonl``: the SFT loss, and GRPO's reward (with its running mean
+beside the shuffled-reward control's), accuracy and response length per step with the PTST stage
+boundaries marked.
 
 Each PNG carries the points it draws in a text chunk (``plotted``: every line's x and y, and the
 stage boundaries), read back with ``read_plotted``: what a check of the plot compares with the
@@ -72,7 +73,17 @@ def stage_boundaries(metrics: list[dict]) -> list[float]:
     return [(a["step"] + b["step"]) / 2 for a, b in zip(metrics, metrics[1:]) if a["stage"] != b["stage"]]
 
 
-def plot_rl(metrics: list[dict], path: str | Path) -> Path:
+RUNNING = 5  # steps in the running mean of the reward
+
+
+def running_mean(values: list[float], window: int = RUNNING) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
+def plot_rl(metrics: list[dict], path: str | Path, control: list[dict] | None = None) -> Path:
+    """GRPO's curves; ``control``: the shuffled-reward run's metrics, whose running mean reward is
+    drawn beside the run's own."""
     fig, axes = _figure(3, "GRPO with PTST")
     steps = [m["step"] for m in metrics]
     panels = [("reward", [("reward_mean", "mean reward"), ("format_rate", "format right")]),
@@ -82,6 +93,11 @@ def plot_rl(metrics: list[dict], path: str | Path) -> Path:
         for key, label in series:
             style = {"drawstyle": "steps-mid", "linestyle": "--"} if key == "max_response_tokens" else {"marker": "."}
             ax.plot(steps, [m[key] for m in metrics], label=label, **style)
+        if ylabel == "reward":
+            runs = [("GRPO", metrics, "tab:green")] + ([("control", control, "tab:red")] if control else [])
+            for name, ms, colour in runs:
+                ax.plot([m["step"] for m in ms], running_mean([m["reward_mean"] for m in ms]), color=colour,
+                        linewidth=2.2, label=f"{name}, running mean ({RUNNING} steps)")
         ax.set_ylabel(ylabel)
         if ylabel != "response tokens":
             ax.set_ylim(-0.05, 1.05)

@@ -1,4 +1,4 @@
-"""``<out>/report.md``: what the demo ran, its curves, and the evaluation of both checkpoints."""
+"""``<out>/report.md``: the held-out accuracy of the three checkpoints, what the demo ran, its curves."""
 
 from __future__ import annotations
 
@@ -45,39 +45,32 @@ def _stage_rows(metrics: list[dict]) -> list[str]:
     return rows
 
 
-def _eval_tables(evals: dict[str, tuple[Path, Path]], root: Path) -> list[str]:
-    """One row per evaluated checkpoint, then accuracy by the benchmark's categories."""
-    lines = ["| checkpoint | folder | samples | accuracy % | no answer | mean response characters |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    by_category: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, (ckpt, out) in evals.items():
-        summary = json.loads((out / "summary.json").read_text())
-        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-        chars = sum(len(r["response"]) for r in rows) / max(1, len(rows))
-        for bench, e in summary["benchmarks"].items():
-            lines.append(f"| {name.upper()} | `{_rel(ckpt, root)}` | {e['overall']['n']} | "
-                         f"{e['overall']['accuracy']:.1f} | {e['no_answer']} | {chars:.0f} |")
-            for field, groups in e["categories"].items():
-                for key, value in groups.items():
-                    by_category.setdefault(f"{field}: {key}", {})[name] = value
-    if by_category:
-        names = list(evals)
-        lines += ["", "By the records' MathVista category fields (accuracy %, samples):", "",
-                  "| category | " + " | ".join(n.upper() for n in names) + " |", "| --- |" + " --- |" * len(names)]
-        for cat, per in sorted(by_category.items()):
-            cells = [f"{per[n]['accuracy']:.1f} ({per[n]['n']})" if n in per else "-" for n in names]
-            lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+def _heldout_rows(summary: dict[str, Any], ckpts: dict[str, Path], root: Path, settings: dict) -> list[str]:
+    h = settings["heldout"]
+    lines = [f"| checkpoint | folder | sampled accuracy (T={h['temperature']}, {h['samples']} per prompt) | "
+             "greedy accuracy |", "| --- | --- | --- | --- |"]
+    titles = {"sft": "cold-start SFT", "rl": "GRPO with PTST", "control": "control: GRPO on shuffled rewards"}
+    for run, acc in summary["heldout"].items():
+        lines.append(f"| {titles[run]} | `{_rel(ckpts[run], root)}` | {acc['sampled']:.3f} | {acc['greedy']:.3f} |")
     return lines
 
 
 def write_report(where: Layout, steps: list[Step], state: dict[str, Any], plots: dict[str, Path],
-                 evals: dict[str, tuple[Path, Path]]) -> Path:
+                 ckpts: dict[str, Path], summary: dict[str, Any]) -> Path:
     root = where.out
     done = state["steps"]
-    total = sum(done[s.name]["seconds"] for s in steps if s.name in done)
+    settings = state["settings"]
     lines = ["# megatron-vr1 demo", "",
-             f"Vision-R1's pipeline end to end on a tiny Qwen2.5-VL ({state['settings']['model']}) and the offline "
-             f"demo data, on {machine()}: {total / 60:.1f} minutes of steps in all.", "",
+             f"Vision-R1's pipeline end to end on a tiny Qwen2.5-VL ({settings['model']}) and the offline "
+             f"demo data, on {machine()}: {summary['wall_s'] / 60:.1f} minutes in all.", "",
+             "The cold start teaches the answer format but not the task (its traces' answers are shuffled "
+             "between problems), so what the RL checkpoint gets right beyond it, GRPO learnt from the reward. "
+             "The control runs the same GRPO with each response paid another's reward: no signal, no gain.", "",
+             "## Held-out set", "",
+             f"{settings['data']['n_heldout']} problems never seen in SFT or RL, scored by "
+             f"`python -m megatron_vr1.eval` with the same seed for every checkpoint (details in "
+             f"`heldout/<run>/<mode>/summary.md`, every response in its `samples.jsonl`; these numbers in "
+             f"`{_rel(where.summary, root)}`):", "", *_heldout_rows(summary, ckpts, root, settings), "",
              "## Steps", "", "| # | step | seconds | command |", "| --- | --- | --- | --- |"]
     for i, s in enumerate(steps, 1):
         seconds = f"{done[s.name]['seconds']:.1f}" if s.name in done else "-"
@@ -85,13 +78,10 @@ def write_report(where: Layout, steps: list[Step], state: dict[str, Any], plots:
     sft = read_metrics(where.sft)
     lines += ["", "## Cold-start SFT", "", f"![SFT loss]({_rel(plots['sft'], root)})", "",
               f"{len(sft)} steps; loss {sft[0]['loss']:.4f} at step 1, {sft[-1]['loss']:.4f} at step {sft[-1]['step']}. "
-              f"TensorBoard logs of both runs: `tensorboard --logdir {where.out}`.", ""]
-    rl = read_metrics(where.rl)
+              f"TensorBoard logs of the runs: `tensorboard --logdir {where.out}`.", ""]
+    rl, control = read_metrics(where.rl), read_metrics(where.control)
     lines += ["## GRPO with PTST", "", f"![reward, accuracy and response length]({_rel(plots['rl'], root)})", "",
-              *_stage_rows(rl), ""]
-    lines += ["## Evaluation on the demo eval set", "",
-              "Each checkpoint through `python -m megatron_vr1.eval` (details in its `summary.md`, every "
-              "response in its `samples.jsonl`):", "", *_eval_tables(evals, root), ""]
+              *_stage_rows(rl), "", "The control (shuffled rewards):", "", *_stage_rows(control), ""]
     verify = done.get("verify", {}).get("output", "").strip()
     lines += ["## Export", "", f"The RL checkpoint as a Hugging Face folder: `{_rel(where.hf_export, root)}` "
               f"(`Qwen2_5_VLForConditionalGeneration.from_pretrained`, or `vllm serve`). Checked against the "

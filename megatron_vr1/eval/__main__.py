@@ -5,10 +5,9 @@ from ..training import quiet  # noqa: F401  (first: before megatron-core is impo
 
 import os
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import CONF_DIR
+from ..entry import hydra_main
 from ..training.setup import main_guard
 
 
@@ -24,7 +23,7 @@ def run(cfg: DictConfig) -> None:
               f"({entry['overall_with_retries']['accuracy']:.1f}% with retries); {cfg.out}/summary.md", flush=True)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+@hydra_main("eval", "eval")
 def main(cfg: DictConfig) -> None:
     main_guard(run, cfg, "eval")
 

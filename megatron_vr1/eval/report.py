@@ -32,8 +32,14 @@ def summarise(rows: list[dict], settings: dict) -> dict:
         by_bench[r["benchmark"]].append(r)
     out = {"settings": settings, "benchmarks": {}}
     for bench, items in sorted(by_bench.items()):
+        by_record: dict[int, list[bool]] = defaultdict(list)
+        for r in items:
+            by_record[r["index"]].append(bool(r["correct_first_attempt"]))
         entry = {"overall": _accuracy(items, "correct_first_attempt"),
                  "overall_with_retries": _accuracy(items, "correct"),
+                 "records": len(by_record),
+                 # the share of records with a right answer among their samples (= accuracy at one sample)
+                 "pass_at_k": 100.0 * sum(any(v) for v in by_record.values()) / max(len(by_record), 1),
                  "no_answer": sum(r["extraction"] is None for r in items),
                  "extracted_by_llm": sum(r.get("extraction_source") == "llm" for r in items), "categories": {}}
         for field in CATEGORY_FIELDS.get(bench, ()):
@@ -59,12 +65,14 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Evaluation of `{s['checkpoint']}`", "",
              f"Data `{s['data']}`; engine {s['engine']}, temperature {s['temperature']}, top-p {s['top_p']}, "
              f"max new tokens {s['max_new_tokens']}, retries {s['retries']} (when `</answer>` is missing), "
-             f"seed {s['seed']}.", ""]
+             f"seed {s['seed']}, {s.get('samples', 1)} sample(s) per record.", ""]
     benches = summary["benchmarks"]
-    lines += ["| benchmark | samples | accuracy | with retries | no answer |", "| --- | --- | --- | --- | --- |"]
+    k = s.get("samples", 1)
+    lines += [f"| benchmark | records | samples | accuracy | with retries | pass@{k} | no answer |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for bench, e in benches.items():
-        lines.append(f"| {bench} | {e['overall']['n']} | {e['overall']['accuracy']:.1f} | "
-                     f"{e['overall_with_retries']['accuracy']:.1f} | {e['no_answer']} |")
+        lines.append(f"| {bench} | {e['records']} | {e['overall']['n']} | {e['overall']['accuracy']:.1f} | "
+                     f"{e['overall_with_retries']['accuracy']:.1f} | {e['pass_at_k']:.1f} | {e['no_answer']} |")
     published = [b for b in benches if any(b in row for row in PUBLISHED.values())]
     if published:
         lines += ["", "Published (Vision-R1 paper) beside ours, accuracy %:", "",

@@ -1,8 +1,10 @@
 """Generate answers for a benchmark file with a rollout engine, score them, write the results.
 
-``<out>/samples.jsonl`` gets one line per record (index, id, benchmark, response, extraction,
-correct, and the record's category fields), appended a batch at a time and flushed; a run that
-starts again keeps every complete line and generates only the records without one. Under torchrun
+``<out>/samples.jsonl`` gets one line per record and sample (index, sample, id, benchmark,
+response, extraction, correct, and the record's category fields), appended a batch at a time and
+flushed; a run that starts again keeps every complete line and generates only the records
+without one. ``samples=k`` draws k responses per record: accuracy is then their mean over all
+records (mean@k), and ``pass_at_k`` the share of records with any right one. Under torchrun
 the records left to do are dealt round-robin to the ranks (each holds the whole model and writes
 ``samples.rank<N>.jsonl``); rank 0 folds those files into ``samples.jsonl`` at the end, and at the
 start of a run after one that was killed.
@@ -108,9 +110,9 @@ def image_config_of(assets: Path) -> ImageConfig:
                        max_pixels=int(saved.get("max_pixels") or defaults.max_pixels))
 
 
-def fold_rank_files(out_dir: Path) -> dict[int, dict]:
-    """Move the complete lines of ``samples.rank<N>.jsonl`` files into ``samples.jsonl`` (a record
-    done twice is kept once), delete those files; the records done, by index."""
+def fold_rank_files(out_dir: Path) -> dict[tuple[int, int], dict]:
+    """Move the complete lines of ``samples.rank<N>.jsonl`` files into ``samples.jsonl`` (a sample
+    done twice is kept once), delete those files; the samples done, by (record index, sample)."""
     samples = out_dir / SAMPLES
     done = done_lines(samples)
     parts = sorted(out_dir.glob(RANK_FILES))
@@ -130,14 +132,15 @@ def fold_rank_files(out_dir: Path) -> dict[int, dict]:
     return done
 
 
-def done_lines(path: Path) -> dict[int, dict]:
-    """Complete lines of an earlier run, by record index; a torn last line is cut off."""
-    return {int(row["index"]): row for row in complete_jsonl(path)}
+def done_lines(path: Path) -> dict[tuple[int, int], dict]:
+    """Complete lines of an earlier run, by (record index, sample); a torn last line is cut off."""
+    return {(int(row["index"]), int(row.get("sample", 0))): row for row in complete_jsonl(path)}
 
 
 def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_root: Optional[str] = None,
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 16000, retries: int = 0,
              batch_size: int = 8, limit: Optional[int] = None, seed: int = 0, max_prompt_tokens: int = 16384,
+             samples: int = 1,
              benchmark: Optional[str] = None, progress: Optional[bool] = None,
              llm_extractor: Optional[dict] = None) -> dict:
     """Evaluate ``checkpoint`` on the benchmark records in ``data``; returns the summary.
@@ -148,6 +151,9 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
     from ..rl.rollout import SamplingParams
     from .llm_extract import LLMExtractor, settings_from
 
+    if int(samples) < 1:
+        raise UsageError(f"samples must be >= 1 (responses per record), got {samples}")
+    samples = int(samples)
     extraction = settings_from(llm_extractor)
     extractor = LLMExtractor(extraction) if extraction.enabled else None
 
@@ -169,10 +175,10 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
     total = len(dataset) if limit is None else min(int(limit), len(dataset))
     samples_path = out_dir / SAMPLES
     done = done_lines(samples_path)  # clean by now: rank 0 repaired it before the barrier
-    todo = [i for i in range(total) if i not in done]
+    todo = [i for i in range(total) if any((i, k) not in done for k in range(samples))]
     if not todo and rank == 0:
         print(f"eval: all {total} records already scored in {samples_path}", flush=True)
-    bar = tqdm(total=total, initial=total - len(todo), desc="eval", unit="sample",
+    bar = tqdm(total=total, initial=total - len(todo), desc="eval", unit="record",
                disable=rank != 0 or not (progress if progress is not None else os.isatty(2)))
     todo = todo[rank::world]
     sink_path = samples_path if world == 1 else out_dir / RANK_FILES.replace("*", str(rank))
@@ -183,32 +189,37 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
             records = [_record(dataset.records[i]) for i in chunk]
             if benchmark:
                 records = [dict(r, benchmark=benchmark) for r in records]
-            params = SamplingParams(n=1, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+            params = SamplingParams(n=samples, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                     top_p=float(top_p), seed=int(seed) + chunk[0])
-            responses = [c[0].text for c in eng.generate([p.sample for p in prompts], params)]
+            # one entry per (record, sample), record-major
+            slots = [(k, j) for k in range(len(chunk)) for j in range(samples)]
+            records = [records[k] for k, _ in slots]
+            responses = [c.text for group in eng.generate([p.sample for p in prompts], params) for c in group]
             first = list(responses)
-            attempts = [1] * len(chunk)
+            attempts = [1] * len(slots)
             for attempt in range(1, int(retries) + 1):  # a response without </answer> is asked again
                 again = [k for k, r in enumerate(responses) if "</answer>" not in r]
                 if not again:
                     break
-                retry = SamplingParams(**{**params.__dict__, "seed": params.seed + 7919 * attempt})
-                for k, c in zip(again, eng.generate([prompts[k].sample for k in again], retry)):
+                retry = SamplingParams(**{**params.__dict__, "n": 1, "seed": params.seed + 7919 * attempt})
+                for k, c in zip(again, eng.generate([prompts[slots[k][0]].sample for k in again], retry)):
                     responses[k], attempts[k] = c[0].text, attempts[k] + 1
             extractions, sources = extract_all(responses, records, extractor)
             first_extractions = list(extractions)
-            changed = [k for k in range(len(chunk)) if first[k] != responses[k]]  # retried
+            changed = [k for k in range(len(slots)) if first[k] != responses[k]]  # retried
             for k, e in zip(changed, extract_all([first[k] for k in changed], [records[k] for k in changed],
                                                  extractor)[0]):
                 first_extractions[k] = e
             lines = []
-            for k, i in enumerate(chunk):
-                record = records[k]
+            for n, (k, j) in enumerate(slots):
+                i, record = chunk[k], records[n]
+                if (i, j) in done:  # a record cut short by a torn line: only its missing samples
+                    continue
                 lines.append(json.dumps({
-                    "index": i, "id": prompts[k].id, "benchmark": benchmark_of(record), "answer": prompts[k].answer,
-                    "response": responses[k], "extraction": extractions[k], "extraction_source": sources[k],
-                    "correct": is_correct(extractions[k], record), "attempts": attempts[k],
-                    "correct_first_attempt": is_correct(first_extractions[k], record),
+                    "index": i, "sample": j, "id": prompts[k].id, "benchmark": benchmark_of(record),
+                    "answer": prompts[k].answer, "response": responses[n], "extraction": extractions[n],
+                    "extraction_source": sources[n], "correct": is_correct(extractions[n], record),
+                    "attempts": attempts[n], "correct_first_attempt": is_correct(first_extractions[n], record),
                     **categories_of(record)}) + "\n")
             sink.write("".join(lines))  # one write per batch: a kill leaves at most a torn last line
             sink.flush()
@@ -218,10 +229,11 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
     _barrier(world)
     summary = None
     if rank == 0:
-        rows = sorted(fold_rank_files(out_dir).values(), key=lambda r: r["index"])
+        rows = sorted(fold_rank_files(out_dir).values(), key=lambda r: (r["index"], r.get("sample", 0)))
         summary = summarise(rows, settings={"checkpoint": str(checkpoint), "data": str(data), "engine": engine,
                                             "temperature": temperature, "top_p": top_p,
                                             "max_new_tokens": max_new_tokens, "retries": retries, "seed": seed,
+                                            "samples": samples,
                                             "world_size": world,
                                             "llm_extractor": ({"base_url": extraction.base_url, "model": extraction.model,
                                                                "mode": extraction.mode} if extractor else None)})

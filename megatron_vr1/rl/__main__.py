@@ -2,14 +2,13 @@
 
 from ..training import quiet  # noqa: F401  (first: before megatron-core is imported)
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ..config import CONF_DIR  # noqa: E402
+from ..entry import hydra_main  # noqa: E402
 from ..training.setup import main_guard  # noqa: E402
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="grpo", version_base="1.3")
+@hydra_main("grpo", "grpo")
 def main(cfg: DictConfig) -> None:
     from .trainer import run
 

@@ -1,6 +1,7 @@
 """The pieces of a GRPO step between rollout and optimizer: training samples from completions,
-mini-batches, and the objectives megatron-core's pipeline schedule runs (log-prob capture for the
-old and reference policies, the clipped GRPO loss with k3 KL)."""
+mini-batches (split anew for every PPO epoch, the old and reference log-probs following their
+tokens), and the objectives megatron-core's pipeline schedule runs (log-prob capture for the old
+and reference policies, the clipped GRPO loss with k3 KL)."""
 
 from __future__ import annotations
 
@@ -39,30 +40,69 @@ class RolloutSequence:
     advantage: float
 
 
-def mini_batches(seqs: list[RolloutSequence], count: int, seed: int) -> list[list[RolloutSequence]]:
-    """``count`` mini-batches of this rank's sequences, in a seeded order (some may be empty)."""
+def mini_batches(seqs: list[RolloutSequence], count: int, seed: int) -> list[list[int]]:
+    """``count`` mini-batches of this rank's sequences, as indices into ``seqs`` in a seeded order
+    (some may be empty). Each PPO epoch takes its own seed, hence its own split."""
     order = np.random.default_rng(seed).permutation(len(seqs))
-    return [[seqs[i] for i in part] for part in np.array_split(order, count)]
+    return [[int(i) for i in part] for part in np.array_split(order, count)]
+
+
+SEQUENCE = "sequence"  # extras key: 1 + the index of each token's sequence in the step's list (0 on padding)
 
 
 def micro_batches(seqs: list[RolloutSequence], args, *, max_tokens: int, pad_to: int, pad_id: int,
-                  group=None, sequence_multiple: int = 1,
-                  shard: Optional[Callable[[Batch], Batch]] = None) -> list[Batch]:
-    """Packed micro-batches of one mini-batch with per-token advantages attached; every rank of
-    ``group`` (data parallel) gets the same number, padded with fully masked ones. ``shard``
-    (context parallelism) turns each whole micro-batch into this rank's share."""
-    bins = pack_balanced([len(s.sample) for s in seqs], max_tokens, 1)[0] if seqs else []
+                  group=None, sequence_multiple: int = 1, shard: Optional[Callable[[Batch], Batch]] = None,
+                  indices: Optional[Sequence[int]] = None) -> list[Batch]:
+    """Packed micro-batches of one mini-batch (``seqs``, or ``seqs[i] for i in indices``) with
+    per-token advantages and sequence indices attached; every rank of ``group`` (data parallel)
+    gets the same number, padded with fully masked ones. ``shard`` (context parallelism) turns
+    each whole micro-batch into this rank's share."""
+    ids = list(range(len(seqs))) if indices is None else list(indices)
+    bins = pack_balanced([len(seqs[i].sample) for i in ids], max_tokens, 1)[0] if ids else []
     count = torch.tensor([len(bins)], device=platform.device())
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
     bins = bins + [[] for _ in range(int(count) - len(bins))]
     batches = []
-    for b in (sorted(b) for b in bins):  # sequences in their given order within a micro-batch
+    for b in ([ids[k] for k in sorted(b)] for b in bins):  # sequences in their given order within a micro-batch
         batch = packed_batch([seqs[i].sample for i in b], args, pad_to_multiple_of=pad_to,
                              sequence_multiple=sequence_multiple, pad_id=pad_id)
         batch.extras["advantages"] = batch.per_token(torch.tensor([seqs[i].advantage for i in b], dtype=torch.float32))
+        batch.extras[SEQUENCE] = batch.per_token(torch.tensor([i + 1 for i in b], dtype=torch.long))
         batches.append(shard(batch) if shard is not None else batch)
     return batches
+
+
+class TokenValues:
+    """Per-token values of the loss tokens (old and reference log-probs), kept by sequence so that
+    they follow their tokens into another packing: the next PPO epoch's mini-batches.
+
+    A sequence's loss tokens on this rank come in the same order whatever micro-batch holds it
+    (a context-parallel share's chunks depend on the sequence's own length only), so the k-th
+    loss token of sequence ``s`` here is the k-th one there."""
+
+    def __init__(self, batches: Sequence[Batch], keys: Sequence[str]) -> None:
+        self.keys = [k for k in keys if batches and k in batches[0].extras]  # a stage without logits has none
+        ids = torch.cat([b.extras[SEQUENCE][b.loss_mask] for b in batches]) if batches else torch.zeros(0)
+        order = torch.argsort(ids, stable=True)
+        self.ids = ids[order]
+        self.values = {k: torch.cat([b.extras[k][b.loss_mask] for b in batches])[order] for k in self.keys}
+
+    def attach(self, batch: Batch) -> Batch:
+        """Put the kept values on ``batch``'s loss tokens (``batch.extras[key]``, 0 elsewhere)."""
+        mask = batch.loss_mask
+        ids = batch.extras[SEQUENCE][mask]
+        order = torch.argsort(ids, stable=True)
+        ranked = ids[order]
+        within = torch.arange(len(ranked), device=ranked.device) - torch.searchsorted(ranked, ranked)
+        source = torch.searchsorted(self.ids, ranked) + within
+        for key in self.keys:
+            taken = torch.empty(len(ids), dtype=self.values[key].dtype, device=ranked.device)
+            taken[order] = self.values[key][source]
+            out = torch.zeros(mask.shape, dtype=taken.dtype, device=taken.device)
+            out[mask] = taken
+            batch.extras[key] = out
+        return batch
 
 
 class CaptureLogprobs:
@@ -89,6 +129,7 @@ class LossSettings:
     clip_ratio_c: Optional[float] = 3.0
     kl_beta: float = 1e-2
     kl_log_ratio_max: float = 20.0
+    kl_max: Optional[float] = 10.0  # k3 bound (verl's); None: unbounded
     aggregation: str = "token-mean"
     entropy: bool = True
 
@@ -110,7 +151,8 @@ class GRPOObjective:
         adv = batch.extras["advantages"]
         loss, logp, kl = grpo_loss(logits, batch.labels, old, ref, adv, mask, temperature=self.temperature,
                                    clip_low=s.clip_low, clip_high=s.clip_high, clip_ratio_c=s.clip_ratio_c,
-                                   kl_beta=s.kl_beta, kl_log_ratio_max=s.kl_log_ratio_max, tp_group=tp)
+                                   kl_beta=s.kl_beta, kl_log_ratio_max=s.kl_log_ratio_max, kl_max=s.kl_max,
+                                   tp_group=tp)
         whole = batch.context  # a context-parallel share: sequences are normalised and counted as wholes
         part = aggregate_loss(loss, mask, mode=s.aggregation, cu_seqlens=batch.cu_seqlens,
                               max_response_length=self.max_response_tokens,

@@ -10,6 +10,7 @@ The PTST stage (response budget, group size) follows the step; checkpoints carry
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,11 @@ from ..training.setup import (build_policy, checkpoints, image_config, load_toke
                               start_parallel)
 from ..training.step import run_micro_batches, train_step
 from ..training.stopping import StopRequest
-from .grpo import CaptureLogprobs, GRPOObjective, LossSettings, RolloutSequence, micro_batches, mini_batches, \
-    response_sample
+from .grpo import (CaptureLogprobs, GRPOObjective, LossSettings, RolloutSequence, TokenValues, micro_batches,
+                   mini_batches, response_sample)
 from .ptst import parse_stages, stage_at
-from .reward import RewardPool
+from .reward import RewardPool, timeout_warning
+from .settings import check_rl_settings, fields_of
 from .rollout import SamplingParams, make_engine
 
 REFERENCE = "reference"  # <checkpoint.dir>/reference: the initial weights when there is no init_from
@@ -43,10 +45,6 @@ REFERENCE = "reference"  # <checkpoint.dir>/reference: the initial weights when 
 
 def _seed(base: int, step: int, rank: int) -> int:
     return (base * 1_000_003 + step * 7_919 + rank) % 2**31
-
-
-def _fields(cls, node: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k in cls.__dataclass_fields__}
 
 
 @dataclass
@@ -59,6 +57,7 @@ class Rollouts:
     rewards: list
     format_ok: list
     correct: list
+    timed_out: list
 
 
 def _reference(cfg: DictConfig, par, model, resume) -> torch.nn.Module:
@@ -84,10 +83,10 @@ def run(cfg: DictConfig) -> None:
     if cp > 1 and rl.engine != "hf":
         raise UsageError(f"rl.engine={rl.engine} generates on the training ranks, which context parallelism splits; "
                          f"with model.parallel.context_parallel={cp} use rl.engine=hf")
+    loss_settings, reward_settings = check_rl_settings(rl)
     par = start_parallel(cfg)
     stages = parse_stages(rl.stages)
     total_steps = stages[-1].first_step + stages[-1].steps - 1
-    loss_settings = LossSettings(**_fields(LossSettings, rl.loss))
     tok_dir, tokenizer = load_tokenizer_for(cfg)
     images = image_config(cfg)
     dataset = RLDataset(cfg.data.train, tokenizer, par.args, image_root=cfg.data.image_root,
@@ -110,7 +109,7 @@ def run(cfg: DictConfig) -> None:
     resume = ckpts.latest()
     model = build_policy(cfg, par, resume=resume)
     ref = _reference(cfg, par, model, resume) if loss_settings.kl_beta > 0 else None
-    settings = OptimizerSettings(**_fields(OptimizerSettings, cfg.train))
+    settings = OptimizerSettings(**fields_of(OptimizerSettings, cfg.train))
     ddp, optimizer, scheduler = wrap_and_optimize(model, settings, total_steps * epochs * minis)
     loader = ShardedLoader(dataset, seed=int(cfg.seed), dp_rank=par.dp_rank, dp_size=par.dp_size,
                            shuffle=bool(cfg.data.shuffle), num_workers=int(cfg.data.num_workers))
@@ -133,7 +132,8 @@ def run(cfg: DictConfig) -> None:
     engine = make_engine(rl.engine, par.args, tokenizer, **engine_options) \
         if leader or rl.engine in ("vllm", "megatron") else None
     spmd = engine is not None and engine.spmd
-    rewards = RewardPool(workers=int(rl.reward.workers), timeout=float(rl.reward.timeout)) if leader else None
+    rewards = RewardPool(workers=reward_settings.workers, timeout=reward_settings.timeout,
+                         require_final_answer=reward_settings.require_final_answer) if leader else None
     bucket_bytes = int(rl.weight_sync_bucket_mb) << 20
 
     def sync_weights() -> float:
@@ -186,9 +186,16 @@ def run(cfg: DictConfig) -> None:
                 t1 = time.perf_counter()
                 infos = rewards.score([c.text for c in flat], answers) if leader else []
                 times["reward"] = time.perf_counter() - t1
+                paid = [i.reward for i in infos]
+                warning = timeout_warning(step, infos, reward_settings)
+                if warning:
+                    print(warning, file=sys.stderr, flush=True)
+                if reward_settings.shuffle:
+                    order = np.random.default_rng(_seed(int(cfg.seed), step, 20_000 + par.dp_rank)).permutation(len(paid))
+                    paid = [paid[k] for k in order]
                 payload = [([c.token_ids for c in flat], [c.text for c in flat], [c.finish_reason for c in flat],
-                            [i.reward for i in infos], [i.format_ok for i in infos], [i.correct for i in infos],
-                            times)]
+                            paid, [i.format_ok for i in infos], [i.correct for i in infos],
+                            [i.timed_out for i in infos], times)]
             if dist.get_world_size(mp_group) > 1:  # the rewards are the leader's, also under an SPMD engine
                 dist.broadcast_object_list(payload, src=leader_rank, group=mp_group)
             if par.layout.context_parallel > 1:  # then from context-parallel rank 0 to the others
@@ -208,10 +215,16 @@ def run(cfg: DictConfig) -> None:
                 keep = groups.amax(1) != groups.amin(1)
             seqs = [RolloutSequence(response_sample(p.sample, batch.tokens[i * g + j]), float(adv[i * g + j]))
                     for i, p in enumerate(prompts) if keep[i] for j in range(g)]
-            parts = mini_batches(seqs, minis, _seed(int(cfg.seed), step, 10_000 + par.dp_rank))
-            plan = [[b.to(device, non_blocking=True) for b in micro_batches(
-                part, par.args, max_tokens=int(rl.micro_batch_tokens), pad_to=par.pad_to, pad_id=pad_id,
-                group=dp_group, sequence_multiple=par.sequence_multiple, shard=par.shard)] for part in parts]
+
+            def epoch_plan(epoch: int) -> list[list]:
+                """This epoch's mini-batches (its own split of the sequences), packed into micro-batches."""
+                parts = mini_batches(seqs, minis, _seed(int(cfg.seed), step, 10_000 + 1_009 * epoch + par.dp_rank))
+                return [[b.to(device, non_blocking=True) for b in micro_batches(
+                    seqs, par.args, max_tokens=int(rl.micro_batch_tokens), pad_to=par.pad_to, pad_id=pad_id,
+                    group=dp_group, sequence_multiple=par.sequence_multiple, shard=par.shard, indices=part)]
+                    for part in parts]
+
+            plan = epoch_plan(0)
             flat_batches = [b for part in plan for b in part]
 
             # ---- old and reference log-probs, on the very micro-batches the update uses
@@ -228,11 +241,17 @@ def run(cfg: DictConfig) -> None:
             t1 = time.perf_counter()
             objective = GRPOObjective(loss_settings, temperature=logp_temperature,
                                       max_response_tokens=stage.max_response_tokens)
-            results = [train_step(ddp, optimizer, scheduler, part, objective) for _ in range(epochs) for part in plan]
+            results = [train_step(ddp, optimizer, scheduler, part, objective) for part in plan]
+            if epochs > 1:  # the log-probs follow their tokens into each later epoch's split
+                kept = TokenValues(flat_batches, ("old_logprobs", "ref_logprobs"))
+                for epoch in range(1, epochs):
+                    plan = [[kept.attach(b) for b in part] for part in epoch_plan(epoch)]
+                    results += [train_step(ddp, optimizer, scheduler, part, objective) for part in plan]
             times["update"] = time.perf_counter() - t1
             times["sync"] = sync_weights()
             elapsed = time.perf_counter() - t0
-            metrics.log(step, _step_metrics(batch, adv, keep, seqs, results, stage, times, elapsed, dp_group, device))
+            metrics.log(step, _step_metrics(batch, adv, keep, seqs, results, stage, times, elapsed, dp_group, device,
+                                            with_kl=ref is not None))
 
             stopping = stop.agreed()
             if save_due(cfg, step, total_steps, stopping):
@@ -253,20 +272,21 @@ def run(cfg: DictConfig) -> None:
 
 
 def _step_metrics(batch: Rollouts, adv: torch.Tensor, keep, seqs, results, stage, times, elapsed, dp_group,
-                  device) -> dict:
-    """One JSON line: rollout statistics over all data-parallel replicas, the update's, timings."""
+                  device, *, with_kl: bool) -> dict:
+    """One JSON line: rollout statistics over all data-parallel replicas, the update's, timings.
+    Without a reference model (``kl_beta`` 0) there is no KL to report, so no ``kl`` key."""
     lengths = [len(t) for t in batch.tokens]
     n = len(batch.rewards)
     sums = torch.tensor([n, sum(batch.rewards), sum(batch.format_ok), sum(batch.correct), sum(lengths),
                          sum(f == "length" for f in batch.finish), float(adv.sum()) if n else 0.0,
                          float((adv ** 2).sum()) if n else 0.0, int((~keep).sum()),
-                         sum(len(s.sample) for s in seqs)], dtype=torch.float64, device=device)
+                         sum(len(s.sample) for s in seqs), sum(batch.timed_out)], dtype=torch.float64, device=device)
     extremes = torch.tensor([max(lengths, default=0), float(adv.max()) if n else -1e30,
                              -float(adv.min()) if n else -1e30], dtype=torch.float64, device=device)
     dist.all_reduce(sums, group=dp_group)
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=dp_group)
-    (n, reward, fmt, correct, length, truncated, adv_sum, adv_sq, dropped, tokens), (longest, adv_max, neg_min) = \
-        sums.tolist(), extremes.tolist()
+    (n, reward, fmt, correct, length, truncated, adv_sum, adv_sq, dropped, tokens, timeouts), \
+        (longest, adv_max, neg_min) = sums.tolist(), extremes.tolist()
     n = max(n, 1)
     update = {k: sum(r.sums[k] for r in results) for k in results[0].sums}
     resp = max(update["response_tokens"], 1)
@@ -274,10 +294,11 @@ def _step_metrics(batch: Rollouts, adv: torch.Tensor, keep, seqs, results, stage
     out = {"stage": stage.index, "group_size": stage.group_size, "max_response_tokens": stage.max_response_tokens,
            "reward_mean": reward / n, "accuracy": correct / n, "format_rate": fmt / n,
            "response_length_mean": length / n, "response_length_max": longest, "truncated_frac": truncated / n,
-           "groups_dropped": int(dropped), "adv_mean": adv_mean, "adv_std": max(adv_sq / n - adv_mean ** 2, 0.0) ** 0.5,
+           "groups_dropped": int(dropped), "reward_timeouts": int(timeouts), "adv_mean": adv_mean, "adv_std": max(adv_sq / n - adv_mean ** 2, 0.0) ** 0.5,
            "adv_max": adv_max, "adv_min": -neg_min,
            "loss": float(np.mean([r.loss for r in results])), "grad_norm": results[-1].grad_norm,
-           "lr": results[-1].lr, "kl": update["kl"] / resp, "clip_frac": update["clipped"] / resp,
+           "lr": results[-1].lr, **({"kl": update["kl"] / resp} if with_kl else {}),
+           "clip_frac": update["clipped"] / resp,
            "entropy": update["entropy"] / resp, "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
            "time_step": elapsed}
     out.update({f"time_{k}": v for k, v in times.items()})

@@ -7,10 +7,9 @@ from ..training import quiet  # noqa: F401  (first: before megatron-core is impo
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR
+from ..entry import hydra_main
 from ..training.setup import main_guard
 
 
@@ -31,7 +30,7 @@ def run(cfg: DictConfig) -> None:
     uvicorn.run(create_app(server), host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level))
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
+@hydra_main("serve", "serve")
 def main(cfg: DictConfig) -> None:
     main_guard(run, cfg, "serve")
 
