@@ -1,8 +1,8 @@
 """Cold-start SFT of Qwen2.5-VL on Megatron-Core: ``python -m megatron_vr1.sft`` or, on several
 processes and nodes, ``torchrun ... -m megatron_vr1.sft``; running the same command again resumes.
 
-    torchrun --nproc-per-node 8 -m megatron_vr1.sft model=qwen2_5_vl_7b init_from=ckpt/7b \\
-        data.train=vision_r1_llava_cot_full.json checkpoint.dir=runs/sft-7b
+    torchrun --nproc-per-node 8 -m megatron_vr1.sft recipe=sft_7b init_from=ckpt/qwen2_5_vl_7b \\
+        data.train=vision_r1_cold.json checkpoint.dir=runs/sft-7b
 
 Config: ``conf/sft.yaml``. Each optimizer step takes the next ``train.global_batch_size`` records
 of a seeded epoch order, packs them into micro-batches balanced over data-parallel ranks and
@@ -14,6 +14,7 @@ from __future__ import annotations
 from .training import quiet  # noqa: F401  (first: before megatron-core is imported)
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -23,13 +24,12 @@ from omegaconf import DictConfig
 from . import platform
 from .entry import hydra_main
 from .data import GlobalBatchLoader, SFTDataset
-from .errors import UsageError
 from .training import flops
 from .training.metrics import MetricsLog
 from .training.optimizer import OptimizerSettings, wrap_and_optimize
 from .training.profile import StepProfiler
-from .training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, main_guard, save_due,
-                             start_parallel)
+from .training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, main_guard, prepare_job,
+                             resume_point, save_due, start_parallel)
 from .training.step import CrossEntropy, train_step
 from .training.stopping import StopRequest
 
@@ -40,8 +40,9 @@ def optimizer_settings(train: DictConfig) -> OptimizerSettings:
 
 
 def run(cfg: DictConfig) -> None:
+    prepare_job(cfg)
     par = start_parallel(cfg)
-    tok_dir, tokenizer = load_tokenizer_for(cfg)
+    tok_dir, tokenizer = load_tokenizer_for(cfg, par.args)
     images = image_config(cfg)
     system_prompt = cfg.data.system_prompt
     kwargs = {} if system_prompt == "default" else {"system_prompt": system_prompt}
@@ -49,13 +50,10 @@ def run(cfg: DictConfig) -> None:
                          max_tokens=int(cfg.data.max_tokens), image_cfg=images,
                          skip_bad_samples=bool(cfg.data.skip_bad_samples), **kwargs)
     train = cfg.train
-    if int(train.micro_batch_tokens) < int(cfg.data.max_tokens):
-        raise UsageError(f"train.micro_batch_tokens ({train.micro_batch_tokens}) must be at least data.max_tokens "
-                         f"({cfg.data.max_tokens}): a sample at the cut-off must fit a micro-batch")
     total_steps = int(train.steps) if train.steps else math.ceil(float(train.epochs) * len(dataset)
                                                                   / int(train.global_batch_size))
     ckpts = checkpoints(cfg, images, tok_dir)
-    resume = ckpts.latest()
+    resume = resume_point(cfg, ckpts, writer=par.is_writer)
     model = build_policy(cfg, par, resume=resume)
     ddp, optimizer, scheduler = wrap_and_optimize(model, optimizer_settings(train), total_steps)
     loader = GlobalBatchLoader(dataset, seed=int(cfg.seed), global_batch=int(train.global_batch_size),
@@ -114,7 +112,8 @@ def run(cfg: DictConfig) -> None:
                 ckpts.save(step, model, optimizer, scheduler, {"data": loader.state_dict()})
             if stopping:
                 if par.is_writer:
-                    print(f"sft: stopped at step {step} on request; checkpoint saved", flush=True)
+                    print(f"sft: stopped at step {step} on request; checkpoint saved; the same command "
+                          f"goes on from it", flush=True)
                 break
     finally:
         metrics.close()
@@ -123,6 +122,8 @@ def run(cfg: DictConfig) -> None:
     if par.is_writer and step >= total_steps:
         print(f"sft: done, {step} steps; last checkpoint {ckpts.latest()}", flush=True)
     platform.shutdown_distributed()
+    if stop.exit_code:  # stopped early: not done, and a shell must know it
+        sys.exit(stop.exit_code)
 
 
 @hydra_main("sft", "sft")

@@ -198,6 +198,23 @@ def test_bad_records_are_an_error_or_a_counted_drop(tmp_path):
     assert (report["input"], report["kept"], report["dropped"]) == (2, 1, {"bad_record": 1})
 
 
+def test_an_endpoint_where_every_request_fails_is_an_error(tmp_path):
+    """A dead or mistyped endpoint: every record dropped at it is not a finished run (exit 1, one
+    line saying what to check), and retry_failed=true against a live one goes on."""
+    records = write_records(tmp_path / "in", ["right", "right"])
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    proc = subprocess.run(command(records, tmp_path / "out", dead), capture_output=True, text=True, env=_env(),
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert len(line) == 1 and "every request failed (mllm:" in line[0] and "retry_failed=true" in line[0], proc.stderr
+    with ScriptedServer(make_script()) as server:
+        again = subprocess.run(command(records, tmp_path / "out", server.url, "retry_failed=true"),
+                               capture_output=True, text=True, env=_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["kept"] == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,5 +1,7 @@
 """Answer extraction and scoring in the three benchmarks' styles (hand-written responses)."""
 
+import json
+
 import pytest
 
 from megatron_vr1.eval import benchmark_of, extract_answer, is_correct
@@ -222,8 +224,6 @@ def _eval(out, checkpoint, data, **kw):
 
 
 def _rows(out):
-    import json
-
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
@@ -278,6 +278,122 @@ def test_several_samples_per_record(toy_checkpoints, tmp_path):
     assert greedy[0]["response"] == greedy[1]["response"] and greedy[2]["response"] == greedy[3]["response"]
     with pytest.raises(UsageError, match="samples must be >= 1"):
         _eval(tmp_path / "none", root / "mcore", data, samples=0)
+
+
+def test_an_out_folder_of_another_evaluation_is_refused(toy_checkpoints, tmp_path):
+    """Rerunning into an out folder resumes only the evaluation that made it: another checkpoint
+    or other sampling settings are refused before anything is generated, and a run directory as
+    checkpoint= takes its newest complete checkpoint."""
+    import shutil
+
+    from megatron_vr1.errors import UsageError
+
+    root = toy_checkpoints
+    data = root / "data" / "eval.jsonl"
+    out = tmp_path / "out"
+    _eval(out, root / "mcore", data, limit=2)
+    before = (out / "samples.jsonl").read_text()
+    _eval(out, root / "mcore", data, limit=2)  # the same evaluation: resumes, nothing to do
+    for other, differ in (({"temperature": 0.5}, "temperature"), ({"checkpoint": root / "hf_export"}, "checkpoint"),
+                          ({"samples": 2}, "samples")):
+        kw = {"checkpoint": root / "mcore", **other}
+        with pytest.raises(UsageError, match=rf"holds an evaluation made with other settings \({differ} differ\)"):
+            _eval(out, kw.pop("checkpoint"), data, limit=2, **kw)
+    assert (out / "samples.jsonl").read_text() == before
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "mcore", run_dir / "iter_0000007")
+    (run_dir / "iter_0000009").mkdir()  # not complete: no metadata
+    summary = _eval(tmp_path / "from_run", run_dir, data, limit=2)
+    assert summary["settings"]["checkpoint"] == str(run_dir / "iter_0000007")
+
+
+def _published_parquets(folder):
+    """MathVista testmini, MathVerse testmini and MathVerse's text-only split as their published
+    parquet files have them: the images embedded (MathVista's ``image`` is a path it does not ship,
+    its pixels are ``decoded_image``), the benchmarks' own prompt fields, nothing else on disk."""
+    import datasets
+    from PIL import Image
+
+    folder.mkdir()
+    img = [Image.new("RGB", (84 + 28 * i, 56), (40 * i, 100, 200)) for i in range(3)]
+    meta = datasets.Features({"category": datasets.Value("string"), "task": datasets.Value("string"),
+                              "skills": datasets.Sequence(datasets.Value("string")),
+                              "grade": datasets.Value("string")})
+    mathvista = datasets.Features({
+        "pid": datasets.Value("string"), "question": datasets.Value("string"), "image": datasets.Value("string"),
+        "decoded_image": datasets.Image(), "choices": datasets.Sequence(datasets.Value("string")),
+        "unit": datasets.Value("string"), "precision": datasets.Value("float64"), "answer": datasets.Value("string"),
+        "question_type": datasets.Value("string"), "answer_type": datasets.Value("string"), "metadata": meta,
+        "query": datasets.Value("string")})
+    m = {"category": "math-targeted-vqa", "task": "geometry problem solving", "skills": ["algebraic reasoning"],
+         "grade": "high school"}
+    datasets.Dataset.from_dict({
+        "pid": ["1", "2", "3"], "question": ["Which is longer?", "How many bars?", "What is x?"],
+        "image": ["images/1.jpg", "images/2.jpg", "images/3.jpg"], "decoded_image": img,
+        "choices": [["AB", "CD"], None, None], "unit": [None, None, "cm"], "precision": [None, None, 1.0],
+        "answer": ["CD", "3", "2.5"], "question_type": ["multi_choice", "free_form", "free_form"],
+        "answer_type": ["text", "integer", "float"], "metadata": [m, m, m],
+        "query": ["Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at "
+                  "the end.\nQuestion: Which is longer?\nChoices:\n(A) AB\n(B) CD",
+                  "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., "
+                  "1, 2, 3, at the end.\nQuestion: How many bars?",
+                  "Hint: Please answer the question requiring a floating-point number with one decimal place and "
+                  "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.\nQuestion: What is x?"]},
+        features=mathvista).to_parquet(folder / "mathvista_testmini.parquet")
+    mv_meta = datasets.Features({"split": datasets.Value("string"), "source": datasets.Value("string"),
+                                 "subject": datasets.Value("string"), "subfield": datasets.Value("string")})
+    mv = {"sample_index": datasets.Value("string"), "problem_index": datasets.Value("string"),
+          "problem_version": datasets.Value("string"), "question": datasets.Value("string"),
+          "answer": datasets.Value("string"), "question_type": datasets.Value("string"), "metadata": mv_meta,
+          "query_wo": datasets.Value("string"), "query_cot": datasets.Value("string")}
+    mm = {"split": "testmini", "source": "GeoQA", "subject": "Plane Geometry", "subfield": "Angle"}
+    rows = {"sample_index": ["1", "2"], "problem_index": ["1", "1"], "problem_version": ["Text Dominant",
+                                                                                          "Vision Only"],
+            "question": ["In the figure, find angle A.\nChoices:\nA:30°\nB:45°", ""], "answer": ["B", "B"],
+            "question_type": ["multi-choice", "multi-choice"], "metadata": [mm, mm],
+            "query_wo": ["Please directly answer the question and provide the correct option letter.\nQuestion: "
+                         "find angle A", "Please directly answer the question and provide the correct option letter."],
+            "query_cot": ["Please first conduct reasoning, and then answer the question and provide the correct "
+                          "option letter.\nQuestion: find angle A\nChoices:\nA:30°\nB:45°",
+                          "Please first conduct reasoning, and then answer the question and provide the correct "
+                          "option letter."]}
+    datasets.Dataset.from_dict({**rows, "image": img[:2]}, features=datasets.Features({**mv, "image": datasets.Image()})
+                               ).to_parquet(folder / "mathverse_testmini.parquet")
+    text_only = {k: v[:1] for k, v in rows.items()}
+    text_only["problem_version"] = ["Text Only"]
+    datasets.Dataset.from_dict(text_only, features=datasets.Features(mv)).to_parquet(
+        folder / "mathverse_testmini_text_only.parquet")
+    return folder
+
+
+def test_published_benchmark_parquets_evaluate_with_their_embedded_images(toy_checkpoints, tmp_path):
+    """Each published parquet alone in a folder: every record is generated and scored, ids are the
+    benchmarks' own (pid, sample_index), and the prompt is the benchmark's own (prompt=auto)."""
+    from megatron_vr1.data import load_tokenizer
+    from megatron_vr1.data.formats import EvalDataset
+    from megatron_vr1.models.qwen2_5_vl import Qwen25VLArgs
+
+    folder = _published_parquets(tmp_path / "bench")
+    expect = {"mathvista_testmini": ("mathvista", ["1", "2", "3"], "Hint: Please answer the question requiring"),
+              "mathverse_testmini": ("mathverse", ["1", "2"], "Please first conduct reasoning"),
+              "mathverse_testmini_text_only": ("mathverse", ["1"], "Please first conduct reasoning")}
+    for name, (bench, ids, hint) in expect.items():
+        summary = _eval(tmp_path / name, toy_checkpoints / "mcore", folder / f"{name}.parquet", max_new_tokens=6)
+        rows = _rows(tmp_path / name)
+        assert [r["id"] for r in rows] == ids and all(r["benchmark"] == bench for r in rows), name
+        assert summary["benchmarks"][bench]["records"] == len(ids)
+        assert summary["settings"]["prompt"] == "auto"
+    tok = load_tokenizer(toy_checkpoints / "mcore" / "hf_assets")
+    args = Qwen25VLArgs.from_hf_config(json.loads((toy_checkpoints / "hf_export" / "config.json").read_text()))
+    mathvista = list(EvalDataset(folder / "mathvista_testmini.parquet", tok, args))
+    text = tok.decode(mathvista[0].sample.input_ids)
+    assert "Hint: Please answer the question and provide the correct option letter" in text and "(B) CD" in text
+    assert "Choices:\nA. AB" not in text  # the benchmark's prompt lists the choices already
+    assert int(mathvista[0].sample.image_grid_thw.prod()) == (56 // 14) * (84 // 14)  # the embedded pixels
+    plain = list(EvalDataset(folder / "mathvista_testmini.parquet", tok, args, prompt="question"))
+    assert "Which is longer?\nChoices:\nA. AB\nB. CD" in tok.decode(plain[0].sample.input_ids)
+    verse = list(EvalDataset(folder / "mathverse_testmini.parquet", tok, args, prompt="query_wo"))
+    assert "Please directly answer" in tok.decode(verse[1].sample.input_ids)
 
 
 def test_killed_evaluation_resumes_without_repeats_or_losses(toy_checkpoints, tmp_path):

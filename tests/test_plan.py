@@ -236,6 +236,44 @@ def test_plan_cli_exit_status_says_fits_or_not():
     assert unknown.returncode == 2 and unknown.stderr.startswith("plan: error:") and "no_such_option" in unknown.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["entry=megatron_vr1.rl", "rl.micro_batch_tokens=64"], "must hold a prompt and a full response"),
+    (["train.micro_batch_tokens=1024", "data.max_tokens=2048"], "must be at least data.max_tokens"),
+    (["entry=megatron_vr1.rl", "recipe=grpo_7b", "gpus=8", "rl.rollout.prompts_per_step=10"],
+     "10 prompts per step do not split over 4 data-parallel replicas"),
+    (["entry=megatron_vr1.rl", "rl.loss.kl_max=0"], "rl.loss.kl_max must be > 0"),
+], ids=["rl-micro-batch", "sft-micro-batch", "prompts-over-replicas", "rl-option"])
+def test_the_planner_refuses_what_the_trainers_refuse(argv, message):
+    """One check (planning.validate.check_job) for the planner, dry_run and the trainers: a job a
+    trainer would refuse at its start is refused by the planner too, with exit status 2."""
+    out = _run("tools/plan.py", *argv)
+    assert out.returncode == 2 and message in out.stderr and out.stderr.startswith("plan: error:"), out.stderr
+
+
+def test_no_layout_found_and_a_dry_run_that_does_not_fit_exit_1():
+    none = _run("tools/plan.py", "model=qwen2_5_vl_72b", "search=true", "gpus=1")
+    assert none.returncode == 1 and "no layout fits" in none.stdout, none.stdout
+    tight = _run("-m", "megatron_vr1.sft", "model=qwen2_5_vl_7b", "dry_run=true", "plan.gpus=2",
+                 "plan.gpu_memory_gb=10", "data.train=x", "checkpoint.dir=y")
+    assert tight.returncode == 1 and "verdict: does NOT fit in 10 GiB" in tight.stdout, tight.stderr[-2000:]
+    helped = _run("tools/plan.py", "--help")
+    assert helped.returncode == 0 and "Exit status: 0 fits, 1 does not fit" in helped.stdout
+
+
+def test_the_launcher_says_when_the_planner_itself_failed(tmp_path):
+    """A planner that crashes is not a verdict: the launcher says the planner failed, with its
+    exit status, and starts nothing."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncase \"$1\" in */tools/plan.py) echo 'Traceback: boom' >&2; exit 3;; esac\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "launch" / "torchrun.sh"), "megatron_vr1.sft", "data.train=x"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake),
+                                                               "GPUS_PER_NODE": "1"}, timeout=60)
+    assert proc.returncode == 3 and "the planner itself failed (exit status 3" in proc.stderr, proc.stderr
+    assert "does not fit" not in proc.stderr
+
+
 def test_search_lists_layouts_that_fit():
     from megatron_vr1.planning import plan
     from megatron_vr1.planning.cli import compose_trainer_config
@@ -294,3 +332,35 @@ def test_full_recompute_of_the_vit_and_lm_gives_the_same_gradients(model_paralle
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def readme_training_commands() -> list[tuple[str, int, list[str]]]:
+    """(entry module, GPUs, overrides) of every GPU training command in the README's code blocks:
+    torchrun (``--nproc-per-node``) and tools/launch/torchrun.sh (``NNODES`` nodes of 8 GPUs)."""
+    import re
+    import shlex
+
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            m = re.search(r"(?:-m |torchrun\.sh )(megatron_vr1\.(?:sft|rl))(?:\s|$)(.*)", line)
+            if not m or "torchrun" not in line:
+                continue
+            nproc = re.search(r"--nproc-per-node[ =](\d+)", line)
+            nodes = re.search(r"NNODES=(\d+)", line)
+            gpus = int(nproc.group(1)) if nproc else 8 * int(nodes.group(1) if nodes else 1)
+            words = shlex.split(m.group(2).split(" #")[0])
+            found.append((m.group(1), gpus, [w for w in words if "=" in w]))
+    return found
+
+
+def test_every_gpu_training_command_in_the_readme_fits_by_the_planner():
+    """The README's own commands, as a user would paste them: each fits its GPUs (exit status 0),
+    the 7B SFT and GRPO of "Reproduce Vision-R1-7B" and the 32B and 72B lines among them."""
+    from megatron_vr1.planning.cli import main
+
+    commands = readme_training_commands()
+    recipes = {next((w.split("=")[1] for w in o if w.startswith("recipe=")), None) for _, _, o in commands}
+    assert {"sft_7b", "grpo_7b", "sft_32b", "grpo_32b", "sft_72b", "grpo_72b"} <= recipes, commands
+    for entry, gpus, overrides in commands:
+        assert main([f"entry={entry}", f"gpus={gpus}", *overrides]) == 0, (entry, gpus, overrides)

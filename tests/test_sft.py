@@ -143,7 +143,8 @@ def test_losses_are_the_same_at_every_layout(reference_runs):
     for key in ("grad_norm", "lr", "loss_tokens", "tokens_per_s", "time_data", "time_forward_backward",
                 "time_optimizer"):
         assert all(key in m for m in metrics), key
-    assert [m["lr"] for m in metrics[:2]] == pytest.approx([0.0, 1e-3])  # one warmup step from 0
+    # one warmup step (warmup_ratio 0.25 of 4): the first step learns at half the rate, not at 0
+    assert [m["lr"] for m in metrics[:2]] == pytest.approx([5e-4, 1e-3])
 
 
 def test_a_context_parallel_run_resumes_from_its_checkpoint(tmp_path, reference_runs, demo_with_tokenizer, init_ckpt):
@@ -274,14 +275,19 @@ def test_sft_learns_the_reasoning_format(tmp_path, toy_tokenizer_dir, init_ckpt,
     (["model.parallel.tensor_parallel=2"], 1, r"world size 1 is not divisible by tensor_parallel \(2\)"),
     (["init_from={other}"], 1, "holds another model than this one"),
     (["data.max_tokens=64", "train.micro_batch_tokens=64"], 1, r"sft.json\[\d+\].* exceeds max_tokens=64"),
-], ids=["unknown-key", "layout-vs-world", "other-model", "too-long"])
+    (["init_from={hf}"], 1, r"init_from=.*/hf is a Hugging Face folder: convert it first \(tools/convert.py hf-to-mcore"),
+    (["init_from={missing}"], 1, r"init_from=.*/missing does not exist"),
+    (["model=tiny"], 1, r"tokenizer in .* gives <\|image_pad\|> the id 502, but the model's config has image_token_id "
+                        r"151655"),
+], ids=["unknown-key", "layout-vs-world", "other-model", "too-long", "hf-folder-as-init", "missing-init",
+        "tokenizer-of-another-model"])
 def test_bad_input_is_one_clear_line(tmp_path, demo_with_tokenizer, init_ckpt, overrides, nproc, message):
     import re
 
     other = tmp_path / "other"
     if any("{other}" in o for o in overrides):
         _other_model(other)
-    overrides = [o.format(other=other) for o in overrides]
+    overrides = [o.format(other=other, hf=init_ckpt.parent / "hf", missing=tmp_path / "missing") for o in overrides]
     args = [a for a in common(demo_with_tokenizer, init_ckpt) if not any(a.split("=")[0] == o.split("=")[0]
                                                                           for o in overrides)]
     proc = sft(tmp_path / "run", nproc, *args, *overrides, check=False)
@@ -290,6 +296,40 @@ def test_bad_input_is_one_clear_line(tmp_path, demo_with_tokenizer, init_ckpt, o
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     if message != "nonsense":  # Hydra words its own errors; ours are one line
         assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1, proc.stderr[-3000:]
+
+
+def test_a_run_directory_as_init_from_takes_its_newest_checkpoint(tmp_path, reference_runs, demo_with_tokenizer,
+                                                                 init_ckpt):
+    args = [a for a in common(demo_with_tokenizer, init_ckpt, "train.steps=1") if not a.startswith("init_from=")]
+    proc = sft(tmp_path / "run", 1, *args, f"init_from={reference_runs['tp1']}")
+    assert (f"init_from={reference_runs['tp1']}: a run directory; taking its newest complete checkpoint, "
+            f"iter_0000004") in proc.stdout
+    assert f"from {reference_runs['tp1'] / 'iter_0000004'}" in proc.stdout
+
+
+def test_a_resumed_run_takes_the_new_settings_and_says_what_changed(tmp_path, reference_runs, demo_with_tokenizer,
+                                                                   init_ckpt):
+    """Resumed from step 2 of 4 with a new learning rate and two more steps: steps 3 to 6 run at
+    the new rate (not the one the optimizer state saved), the changes are printed, and a change of
+    data order (another seed) is refused unless resume_allow_changes=true."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(reference_runs["tp1"] / "iter_0000002", run_dir / "iter_0000002")
+    args = [a for a in common(demo_with_tokenizer, init_ckpt) if not a.startswith(("train.lr=", "train.steps="))]
+    proc = sft(run_dir, 1, *args, "train.lr=3e-3", "train.steps=6", "train.lr_schedule=constant")
+    assert "resuming" in proc.stdout and "train.lr: 0.001 -> 0.003" in proc.stdout and "train.steps: 4 -> 6" in proc.stdout
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [3, 4, 5, 6]
+    assert [m["lr"] for m in metrics] == pytest.approx([3e-3] * 4)
+    refused = sft(run_dir, 1, *[a for a in args if not a.startswith("seed=")], "train.lr=3e-3", "train.steps=8",
+                  "train.lr_schedule=constant", "seed=99", check=False)
+    assert refused.returncode == 2 and "seed changed since it was saved" in refused.stderr, refused.stderr[-2000:]
+    assert "resume_allow_changes=true" in refused.stderr
+    allowed = sft(run_dir, 1, *args, "train.lr=3e-3", "train.steps=7", "train.lr_schedule=constant", "seed=99",
+                  "resume_allow_changes=true")
+    assert "seed: 1234 -> 99" in allowed.stdout
 
 
 def test_too_long_records_are_skipped_and_counted_when_asked(tmp_path, demo_with_tokenizer, init_ckpt):
@@ -316,7 +356,11 @@ def _other_model(path: Path) -> None:
     hf_to_mcore(path.parent / "other_hf", path, dtype="fp32")
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, demo_with_tokenizer, init_ckpt):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_128_plus_the_signal(tmp_path, demo_with_tokenizer, init_ckpt,
+                                                                       sig, code):
+    """SIGTERM (preemption) or Ctrl-C: the step finishes, a checkpoint is saved, and the exit
+    status says the run stopped early (143, 130), so `sft ... && rl ...` does not go on."""
     run_dir = tmp_path / "run"
     command = _command(1, [f"checkpoint.dir={run_dir}", *common(demo_with_tokenizer, init_ckpt, "train.steps=50",
                                                                 "checkpoint.every=100")])
@@ -326,9 +370,10 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, demo_with_tokenizer, ini
     while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
     stopped = int(out.split("stopped at step ")[1].split()[0])
     assert 1 <= stopped < 50 and (run_dir / f"iter_{stopped:07d}" / "megatron_vr1.json").exists()
     assert len(losses(run_dir)) == stopped

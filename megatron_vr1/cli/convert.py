@@ -66,18 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     from megatron_vr1.checkpoint import CheckpointError
     from megatron_vr1.models.qwen2_5_vl import ConfigError
+    from megatron_vr1.errors import UsageError
 
     try:
         return run(opts)
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, UsageError) as e:
         print(f"convert {opts.command}: error: {e}", file=sys.stderr)  # a user error: one line, exit 2
         return 2
 
 
 def run(opts: argparse.Namespace) -> int:
     from megatron_vr1.checkpoint import hf_to_mcore, mcore_to_hf, verify
+    from megatron_vr1.training.checkpoint import resolve_checkpoint
 
     start = time.perf_counter()
+    if getattr(opts, "mcore", None):  # a run directory: its newest complete checkpoint
+        opts.mcore = str(resolve_checkpoint(opts.mcore, "--mcore"))
     if opts.command == "hf-to-mcore":
         info = hf_to_mcore(opts.hf, opts.out, tensor_parallel=opts.tp, pipeline_parallel=opts.pp,
                            num_layers_in_first_pipeline_stage=opts.first_stage_layers, dtype=opts.dtype,

@@ -62,6 +62,12 @@ def main(cfg: DictConfig) -> None:
     if report["stopped"]:
         print("coldstart: stopped on request; run the same command again to go on", file=sys.stderr, flush=True)
         sys.exit(130)
+    failed = {k: v for k, v in report["dropped"].items() if k.startswith("error:")}
+    if not report["kept"] and failed and sum(failed.values()) == report["input"] - report["pending"]:
+        reasons = ", ".join(f"{k[len('error:'):]} {v}" for k, v in failed.items())
+        print(f"coldstart: error: every request failed ({reasons}): check mllm.base_url, reasoner.base_url and "
+              f"their model names, then run again with retry_failed=true", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

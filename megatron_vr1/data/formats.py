@@ -146,8 +146,11 @@ def _is_image_source(x: Any) -> bool:
 
 def _image_list(record: dict) -> list:
     """The record's images: paths, or images embedded as ``datasets`` stores them in parquet
-    (``{"bytes", "path"}`` dicts or decoded PIL images)."""
-    images = record.get("images", record.get("image"))
+    (``{"bytes", "path"}`` dicts or decoded PIL images). MathVista's parquet has both a relative
+    ``image`` path it does not ship and the embedded ``decoded_image``: the embedded one wins."""
+    images = record.get("decoded_image")
+    if images is None:
+        images = record.get("images", record.get("image"))
     if images is None:
         return []
     if _is_image_source(images):
@@ -186,7 +189,12 @@ def sft_messages(record: dict) -> tuple[list[dict], list[str]]:
 
 # fields the datasets consume; everything else a record carries travels on in Prompt.extra
 _RL_FIELDS = {"problem", "question", "prompt", "answer", "solution", "images", "image", "id"}
-_EVAL_FIELDS = {"question", "query", "problem", "answer", "images", "image", "id", "pid", "choices"}
+_EVAL_FIELDS = {"question", "query", "problem", "answer", "images", "image", "decoded_image", "id", "pid",
+                "sample_index", "choices"}
+# eval.prompt=auto: the benchmark's own prompt field where its records carry one (MathVista's
+# query holds its hint and choices; MathVerse's query_cot asks for reasoning first), else the question
+PROMPT_FIELDS = {"mathvista": "query", "mathverse": "query_cot"}
+QUESTION_FIELDS = ("question", "problem")  # prompts that take our choices layout (format_choices)
 
 
 def _extra(record: dict, consumed: set) -> dict:
@@ -207,11 +215,30 @@ def rl_problem(record: dict) -> tuple[str, list, str]:
     return problem, images, str(answer)
 
 
-def eval_record(record: dict) -> dict:
-    """MathVista / MathVerse / MM-Math-style record -> normalised fields."""
-    question = record.get("question", record.get("query", record.get("problem")))
+def prompt_field(record: dict, prompt: str = "auto") -> str:
+    """The field whose text a record is asked with: ``prompt`` itself, or for ``auto`` the
+    benchmark's own prompt (:data:`PROMPT_FIELDS`) when the record has it, else its question."""
+    if prompt != "auto":
+        return prompt
+    if "problem_version" in record:
+        bench = "mathverse"
+    elif record.get("question_type") in ("multi_choice", "free_form"):
+        bench = "mathvista"
+    else:
+        bench = ""
+    field = PROMPT_FIELDS.get(bench)
+    if field and isinstance(record.get(field), str) and record[field].strip():
+        return field
+    return next((f for f in ("question", "query", "problem") if f in record), "question")
+
+
+def eval_record(record: dict, prompt: str = "auto") -> dict:
+    """MathVista / MathVerse / MM-Math-style record -> normalised fields; ``question`` is the text
+    of the record's :func:`prompt_field`, and ``prompt_field`` says which."""
+    field = prompt_field(record, prompt)
+    question = record.get(field)
     if not isinstance(question, str) or not question.strip():
-        raise SampleError("record has no question")
+        raise SampleError(f"record has no {field!r} text to ask (eval prompt={prompt})")
     answer = record.get("answer")
     if answer is None:
         raise SampleError("record has no answer")
@@ -221,7 +248,8 @@ def eval_record(record: dict) -> dict:
     # MathVista has both: question_type says multiple choice or free form, answer_type the
     # answer's kind (text, integer, float, list)
     question_type = record.get("question_type", "multi_choice" if choices else "free_form")
-    return {**_extra(record, _EVAL_FIELDS), "id": str(record.get("id", record.get("pid", ""))), "question": question,
+    rid = next((record[k] for k in ("id", "pid", "sample_index") if record.get(k) is not None), "")
+    return {**_extra(record, _EVAL_FIELDS | {field}), "id": str(rid), "question": question, "prompt_field": field,
             "images": _image_list(record), "answer": str(answer), "choices": choices, "question_type": question_type,
             "answer_type": record.get("answer_type")}
 
@@ -356,12 +384,18 @@ class RLDataset(_RecordSource):
 
 
 class EvalDataset(RLDataset):
-    """Benchmark prompts; multiple-choice options are listed under the question."""
+    """Benchmark prompts (``prompt``: the field asked, see :func:`prompt_field`); a question's
+    multiple-choice options are listed under it (a benchmark's own prompt lists them already)."""
+
+    def __init__(self, *args, prompt: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompt = prompt
 
     def build(self, record: dict) -> Prompt:
-        fields = eval_record(record)
-        text = format_choices(fields["question"], fields["choices"])
+        fields = eval_record(record, self.prompt)
+        text = format_choices(fields["question"], fields["choices"]) if fields["prompt_field"] in QUESTION_FIELDS \
+            else fields["question"]
         if fields["images"] and IMAGE_PLACEHOLDER not in text:
             text = IMAGE_PLACEHOLDER * len(fields["images"]) + text
-        extra = {k: v for k, v in fields.items() if k not in ("id", "question", "images", "answer")}
+        extra = {k: v for k, v in fields.items() if k not in ("id", "question", "images", "answer", "prompt_field")}
         return self._prompt(fields["id"], text, fields["images"], fields["answer"], extra)

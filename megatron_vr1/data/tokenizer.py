@@ -141,3 +141,24 @@ def load_tokenizer(path: str | Path):
     if not (Path(path) / "tokenizer_config.json").exists() and not (Path(path) / "tokenizer.json").exists():
         raise FileNotFoundError(f"{path} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+# the tokens whose ids the model's config fixes: a tokenizer that puts them elsewhere cannot feed it
+MODEL_TOKENS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
+                "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
+
+
+def check_tokenizer(tokenizer, args, where: str) -> None:
+    """Refuse, in one line naming both ids, a tokenizer (from ``where``) whose special tokens are
+    not where the model's config has them, or whose vocabulary the model cannot embed."""
+    from ..errors import UsageError
+
+    for token, field in MODEL_TOKENS.items():
+        got, want = tokenizer.convert_tokens_to_ids(token), getattr(args, field)
+        if got != want:
+            raise UsageError(f"the tokenizer in {where} gives {token} the id {got}, but the model's config has "
+                             f"{field} {want}: use the tokenizer made for this model (its checkpoint's hf_assets, or "
+                             f"tokenizer=<folder>)")
+    if len(tokenizer) > args.vocab_size:
+        raise UsageError(f"the tokenizer in {where} has {len(tokenizer)} tokens, more than the model's vocab_size "
+                         f"{args.vocab_size}: use the tokenizer made for this model")

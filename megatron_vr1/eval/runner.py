@@ -25,13 +25,14 @@ from .. import platform
 from ..data import ImageConfig, load_tokenizer
 from ..data.formats import EvalDataset, _record
 from ..errors import UsageError
-from ..files import complete_jsonl
+from ..files import complete_jsonl, write_whole
 from ..models.qwen2_5_vl import Qwen25VLArgs
 from .report import summarise, write_summary
 from .scoring import benchmark_of, categories_of, extract_answer, is_correct
 
 SAMPLES = "samples.jsonl"
 RANK_FILES = "samples.rank*.jsonl"
+RUN_FILE = "run.json"  # the settings that made the samples: a rerun into the same out must match them
 
 
 def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype):
@@ -42,6 +43,7 @@ def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype)
     from ..checkpoint.hf_files import HFCheckpointReader
     from ..checkpoint.megatron_files import METADATA_FILE, read_metadata
     from ..models.qwen2_5_vl.hf_mapping import load_hf_state_dict
+    from ..data.tokenizer import check_tokenizer
     from ..rl.rollout import make_engine
 
     path = Path(checkpoint)
@@ -50,6 +52,7 @@ def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype)
         args = Qwen25VLArgs.from_hf_config(meta["hf_config"])
         assets = path / HF_ASSETS
         tokenizer = load_tokenizer(assets)
+        check_tokenizer(tokenizer, args, str(assets))
         if engine == "megatron":
             model = _megatron_model(args, _vocab_divisor(meta), dtype)
             load_model(model, path)
@@ -60,6 +63,7 @@ def load_model_for_eval(checkpoint: str | Path, engine: str, dtype: torch.dtype)
     if (path / "config.json").is_file():
         args = Qwen25VLArgs.from_hf_config(json.loads((path / "config.json").read_text()))
         tokenizer = load_tokenizer(path)
+        check_tokenizer(tokenizer, args, str(path))
         reader = HFCheckpointReader(path)
         names = [n for n in reader.names() if not (args.tie_word_embeddings and n == "lm_head.weight")]
         if engine == "megatron":
@@ -110,6 +114,21 @@ def image_config_of(assets: Path) -> ImageConfig:
                        max_pixels=int(saved.get("max_pixels") or defaults.max_pixels))
 
 
+def check_same_run(out_dir: Path, settings: dict) -> None:
+    """Refuse an ``out`` folder that holds an evaluation made with other settings: its samples
+    would be counted, and summarised, as this run's."""
+    path = out_dir / RUN_FILE
+    if not path.is_file():
+        if done_lines(out_dir / SAMPLES):
+            raise UsageError(f"out={out_dir} holds samples but no {RUN_FILE} saying what made them: use another out")
+        return
+    before = json.loads(path.read_text())
+    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if changed:
+        raise UsageError(f"out={out_dir} holds an evaluation made with other settings ({', '.join(changed)} differ): "
+                         f"use another out, or delete that folder to start again")
+
+
 def fold_rank_files(out_dir: Path) -> dict[tuple[int, int], dict]:
     """Move the complete lines of ``samples.rank<N>.jsonl`` files into ``samples.jsonl`` (a sample
     done twice is kept once), delete those files; the samples done, by (record index, sample)."""
@@ -140,7 +159,7 @@ def done_lines(path: Path) -> dict[tuple[int, int], dict]:
 def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_root: Optional[str] = None,
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 16000, retries: int = 0,
              batch_size: int = 8, limit: Optional[int] = None, seed: int = 0, max_prompt_tokens: int = 16384,
-             samples: int = 1,
+             samples: int = 1, prompt: str = "auto",
              benchmark: Optional[str] = None, progress: Optional[bool] = None,
              llm_extractor: Optional[dict] = None) -> dict:
     """Evaluate ``checkpoint`` on the benchmark records in ``data``; returns the summary.
@@ -163,14 +182,26 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
         started = not torch.distributed.is_initialized()  # the megatron engine needs the parallel state
         platform.init_distributed(1, 1, seed=int(seed))
     rank = torch.distributed.get_rank() if world > 1 else 0
+    from ..training.checkpoint import resolve_checkpoint
+
+    checkpoint = str(resolve_checkpoint(checkpoint, "checkpoint", hf_ok=True,
+                                        say=print if rank == 0 else (lambda *_: None)))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data).resolve()), "engine": engine,
+                "image_root": image_root, "benchmark": benchmark, "temperature": float(temperature),
+                "top_p": float(top_p), "max_new_tokens": int(max_new_tokens), "max_prompt_tokens": int(max_prompt_tokens),
+                "retries": int(retries), "seed": int(seed), "samples": samples, "prompt": prompt,
+                "llm_extractor": [extraction.base_url, extraction.model, extraction.mode] if extraction.enabled else None}
+    check_same_run(out_dir, settings)  # every rank: each refuses alike
+    _barrier(world)
     if rank == 0:
+        write_whole(out_dir / RUN_FILE, json.dumps(settings, indent=1))
         fold_rank_files(out_dir)  # what the ranks of a killed run had written
     _barrier(world)
     dtype = torch.bfloat16 if platform.has_cuda() else torch.float32
     eng, args, assets = load_model_for_eval(checkpoint, engine, dtype)
-    dataset = EvalDataset(data, eng.tokenizer, args, image_root=image_root, max_tokens=max_prompt_tokens,
+    dataset = EvalDataset(data, eng.tokenizer, args, image_root=image_root, max_tokens=max_prompt_tokens, prompt=prompt,
                           image_cfg=image_config_of(assets))
     total = len(dataset) if limit is None else min(int(limit), len(dataset))
     samples_path = out_dir / SAMPLES
@@ -233,7 +264,7 @@ def evaluate(*, checkpoint: str, data: str, out: str, engine: str = "hf", image_
         summary = summarise(rows, settings={"checkpoint": str(checkpoint), "data": str(data), "engine": engine,
                                             "temperature": temperature, "top_p": top_p,
                                             "max_new_tokens": max_new_tokens, "retries": retries, "seed": seed,
-                                            "samples": samples,
+                                            "samples": samples, "prompt": prompt,
                                             "world_size": world,
                                             "llm_extractor": ({"base_url": extraction.base_url, "model": extraction.model,
                                                                "mode": extraction.mode} if extractor else None)})

@@ -3,7 +3,8 @@
 The arguments are the trainer's own Hydra overrides (SFT's ``conf/sft.yaml``, or GRPO's
 ``conf/grpo.yaml`` once an ``rl`` or ``recipe=grpo_*`` override or ``entry=megatron_vr1.rl``
 names it) plus the planner's settings (``conf/plan/default.yaml``) without their ``plan.``
-prefix. Exit status: 0 fits, 1 does not fit, 2 the layout or an option is wrong.
+prefix. Exit status: 0 fits, 1 does not fit (with ``search=true``: no layout fits), 2 the layout
+or an option is wrong (the trainers' own check, :func:`megatron_vr1.planning.validate.check_job`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config import CONF_DIR
 from ..errors import UsageError
 from ..models.qwen2_5_vl import ConfigError
-from .memory import plan
-from .report import format_plan, run_search, settings_from_conf
+from .memory import plan, search
+from .report import format_plan, format_search, settings_from_conf
+from .validate import check_job
 
 ENTRIES = {"megatron_vr1.sft": "sft", "sft": "sft", "megatron_vr1.rl": "grpo", "rl": "grpo", "grpo": "grpo"}
 PLANNER_KEYS = ("gpus", "gpu_memory_gb", "reserve_gb", "image_fraction", "search", "top")
@@ -47,14 +49,21 @@ def compose_trainer_config(argv: Sequence[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
     try:
         cfg, config = compose_trainer_config(argv)
         name = f"{cfg.model.get('name', 'model')} {'GRPO' if config == 'grpo' else 'SFT'}"
         if cfg.plan.search:
             counts = [int(cfg.plan.gpus)] if cfg.plan.gpus else SEARCH_GPUS
-            print(run_search(cfg, counts))
-            return 0
+            check_job(cfg, world_size=None)  # the layouts searched are other than the config's
+            args, _, settings = settings_from_conf(cfg, gpus=counts[0])
+            found = search(args, settings, gpu_counts=counts, top=int(cfg.plan.top))
+            print(format_search(found, cfg.model.get("name", "model")))
+            return 0 if found else 1
         args, layout, settings = settings_from_conf(cfg)
+        check_job(cfg, world_size=settings.gpus)
         result = plan(args, layout, settings)
     except (ConfigError, UsageError, ValueError, HydraException, OmegaConfBaseException) as e:
         print(f"plan: error: {e}", file=sys.stderr)

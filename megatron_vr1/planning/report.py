@@ -12,17 +12,11 @@ from ..config import model_from_conf
 from ..models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs
 from .activations import ActivationSettings
 from .counts import RankParams, rank_params, stage_layers
-from .memory import GiB, Plan, PlanSettings, RolloutSettings, plan as make_plan, search
+from .memory import GiB, Plan, PlanSettings, RolloutSettings, plan as make_plan
+from .validate import job_world_size
 
 COLUMNS = ("weights", "grads", "optimizer", "activations", "reference", "rollout_weights", "kv_cache",
            "rollout_logits", "vllm")
-
-
-def job_gpus(cfg: DictConfig, layout: ParallelLayout) -> int:
-    """``plan.gpus``, else torchrun's world size, else one replica of the layout."""
-    if cfg.plan.get("gpus"):
-        return int(cfg.plan.gpus)
-    return int(os.environ.get("WORLD_SIZE", layout.world_size))
 
 
 def settings_from_conf(cfg: DictConfig,
@@ -49,7 +43,7 @@ def settings_from_conf(cfg: DictConfig,
             kv_cache_fraction=options.get("kv_cache_fraction"),
             gpu_memory_utilization=float(options.get("gpu_memory_utilization", 0.5)),
             reference=float(rl.loss.kl_beta) > 0)
-    settings = PlanSettings(gpus=gpus or job_gpus(cfg, layout), activation=activation,
+    settings = PlanSettings(gpus=gpus or job_world_size(cfg, layout), activation=activation,
                             gpu_memory_gb=float(cfg.plan.gpu_memory_gb), reserve_gb=float(cfg.plan.reserve_gb),
                             distributed_optimizer=bool(train.get("distributed_optimizer", True)),
                             frozen_vision=bool(train.freeze_vision), rollout=rollout)
@@ -125,10 +119,13 @@ def meta_params(args: Qwen25VLArgs, layout: ParallelLayout) -> list[list[RankPar
     return out
 
 
-def dry_run(cfg: DictConfig) -> None:
-    """Build every rank's stage on the meta device, check the planner's counts against them,
-    print the plan and exit (``dry_run=true``)."""
+def dry_run(cfg: DictConfig) -> Plan:
+    """Check the job as the trainers would, build every rank's stage on the meta device, check the
+    planner's counts against them, print the plan and return it (``dry_run=true``)."""
+    from .validate import check_job
+
     args, layout, settings = settings_from_conf(cfg)
+    check_job(cfg, world_size=settings.gpus)
     built = meta_params(args, layout)
     for stage, ranks in enumerate(built):
         for tp_rank, got in enumerate(ranks):
@@ -146,9 +143,4 @@ def dry_run(cfg: DictConfig) -> None:
                   f"{' + output layer' if stage == layout.pipeline_parallel - 1 else ''}, "
                   f"{ranks[0].held:,} parameters per rank")
         print(format_plan(plan, name), flush=True)
-
-
-def run_search(cfg: DictConfig, gpu_counts: list[int]) -> str:
-    args, _, settings = settings_from_conf(cfg, gpus=gpu_counts[0])
-    return format_search(search(args, settings, gpu_counts=gpu_counts, top=int(cfg.plan.top)),
-                         cfg.model.get("name", "model"))
+    return plan

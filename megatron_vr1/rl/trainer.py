@@ -24,16 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from .. import platform
 from ..checkpoint import iter_hf_weights, load_model, save_model
 from ..data import RLDataset, ShardedLoader, load_image
-from ..errors import UsageError
 from ..kernels import group_advantages
 from ..models.qwen2_5_vl import build_model
 from ..training.metrics import MetricsLog
 from ..training.optimizer import OptimizerSettings, wrap_and_optimize
-from ..training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, save_due,
-                              start_parallel)
+from ..training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, prepare_job,
+                              resume_point, save_due, start_parallel)
 from ..training.step import run_micro_batches, train_step
 from ..training.stopping import StopRequest
-from .grpo import (CaptureLogprobs, GRPOObjective, LossSettings, RolloutSequence, TokenValues, micro_batches,
+from .grpo import (CaptureLogprobs, GRPOObjective, RolloutSequence, TokenValues, micro_batches,
                    mini_batches, response_sample)
 from .ptst import parse_stages, stage_at
 from .reward import RewardPool, timeout_warning
@@ -79,34 +78,23 @@ def _reference(cfg: DictConfig, par, model, resume) -> torch.nn.Module:
 
 def run(cfg: DictConfig) -> None:
     rl = cfg.rl
-    cp = int(cfg.model.parallel.get("context_parallel") or 1)
-    if cp > 1 and rl.engine != "hf":
-        raise UsageError(f"rl.engine={rl.engine} generates on the training ranks, which context parallelism splits; "
-                         f"with model.parallel.context_parallel={cp} use rl.engine=hf")
+    prepare_job(cfg)
     loss_settings, reward_settings = check_rl_settings(rl)
     par = start_parallel(cfg)
     stages = parse_stages(rl.stages)
     total_steps = stages[-1].first_step + stages[-1].steps - 1
-    tok_dir, tokenizer = load_tokenizer_for(cfg)
+    tok_dir, tokenizer = load_tokenizer_for(cfg, par.args)
     images = image_config(cfg)
     dataset = RLDataset(cfg.data.train, tokenizer, par.args, image_root=cfg.data.image_root,
                         max_tokens=int(cfg.data.max_prompt_tokens), image_cfg=images,
                         skip_bad_samples=bool(cfg.data.skip_bad_samples))
-    needed = int(cfg.data.max_prompt_tokens) + max(s.max_response_tokens for s in stages)
-    if int(rl.micro_batch_tokens) < needed:
-        raise UsageError(f"rl.micro_batch_tokens ({rl.micro_batch_tokens}) must hold a prompt and a full response: "
-                         f"at least data.max_prompt_tokens + the longest stage's max_response_tokens = {needed}")
     per_step = {s.index: s.prompts_per_step or int(rl.rollout.prompts_per_step) for s in stages}
-    for index, prompts in per_step.items():
-        if prompts % par.dp_size:
-            raise UsageError(f"stage {index}: {prompts} prompts per step do not split over {par.dp_size} "
-                             f"data-parallel replicas")
     epochs, minis = int(rl.ppo_epochs), int(rl.mini_batches)
     temperature = float(rl.rollout.temperature)
     logp_temperature = temperature if temperature > 0 else 1.0  # greedy rollouts score the plain softmax
 
     ckpts = checkpoints(cfg, images, tok_dir)
-    resume = ckpts.latest()
+    resume = resume_point(cfg, ckpts, writer=par.is_writer)
     model = build_policy(cfg, par, resume=resume)
     ref = _reference(cfg, par, model, resume) if loss_settings.kl_beta > 0 else None
     settings = OptimizerSettings(**fields_of(OptimizerSettings, cfg.train))
@@ -258,7 +246,8 @@ def run(cfg: DictConfig) -> None:
                 ckpts.save(step, model, optimizer, scheduler, {"data": loader.state_dict(), "stage": stage.index})
             if stopping:
                 if par.is_writer:
-                    print(f"grpo: stopped at step {step} on request; checkpoint saved", flush=True)
+                    print(f"grpo: stopped at step {step} on request; checkpoint saved; the same command "
+                          f"goes on from it", flush=True)
                 break
     finally:
         metrics.close()
@@ -269,6 +258,8 @@ def run(cfg: DictConfig) -> None:
     if par.is_writer and step >= total_steps:
         print(f"grpo: done, {step} steps; last checkpoint {ckpts.latest()}", flush=True)
     platform.shutdown_distributed()
+    if stop.exit_code:  # stopped early: not done, and a shell must know it
+        sys.exit(stop.exit_code)
 
 
 def _step_metrics(batch: Rollouts, adv: torch.Tensor, keep, seqs, results, stage, times, elapsed, dp_group,

@@ -48,15 +48,40 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def resolve_checkpoint(path: str | Path, option: str, *, hf_ok: bool = False, say=print) -> Path:
+    """The checkpoint ``option=path`` names: a checkpoint folder itself, or a run directory's
+    newest complete ``iter_*`` checkpoint (said through ``say``); with ``hf_ok`` a Hugging Face
+    folder too. Anything else is a :class:`UsageError` that says what the folder is."""
+    from ..errors import UsageError
+
+    folder = Path(path)
+    if (folder / METADATA_FILE).is_file() or (hf_ok and (folder / "config.json").is_file()):
+        return folder
+    if not folder.exists():
+        raise UsageError(f"{option}={path} does not exist")
+    newest = TrainingCheckpoints(folder).latest()
+    if newest is not None:
+        say(f"{option}={path}: a run directory; taking its newest complete checkpoint, {newest.name}")
+        return newest
+    if (folder / "config.json").is_file():
+        raise UsageError(f"{option}={path} is a Hugging Face folder: convert it first "
+                         f"(tools/convert.py hf-to-mcore --hf {path} --out <folder>) and pass that folder")
+    kinds = f"a Hugging Face folder (config.json), a checkpoint ({METADATA_FILE})" if hf_ok \
+        else f"a checkpoint ({METADATA_FILE})"
+    raise UsageError(f"{option}={path} is neither {kinds} nor a run directory with a complete iter_* checkpoint")
+
+
 class TrainingCheckpoints:
     """The ``iter_*`` checkpoints of one run directory."""
 
-    def __init__(self, root: str | Path, *, keep_last: int = 2, hf_assets: Optional[dict[str, bytes]] = None) -> None:
+    def __init__(self, root: str | Path, *, keep_last: int = 2, hf_assets: Optional[dict[str, bytes]] = None,
+                 settings: Optional[dict] = None) -> None:
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
         self.hf_assets = dict(hf_assets or {})  # file name -> content, written into every checkpoint
+        self.settings = settings  # the run's config, kept in each checkpoint's metadata (training.resume)
 
     def path(self, step: int) -> Path:
         return self.root / f"iter_{step:07d}"
@@ -96,7 +121,8 @@ class TrainingCheckpoints:
     def save(self, step: int, model, optimizer, scheduler, train_state: dict[str, Any]) -> Path:
         """Checkpoint ``step``; collective. ``train_state``: plain data, the same on every rank."""
         out = self.path(step)
-        save_model(model, out, overwrite=True, metadata={"step": step, "world_size": dist.get_world_size()},
+        meta = {"step": step, "world_size": dist.get_world_size(), **({"settings": self.settings} if self.settings else {})}
+        save_model(model, out, overwrite=True, metadata=meta,
                    extra_state=self._extra(optimizer, scheduler, dict(train_state, step=step), is_loading=False),
                    assets=self._write_assets)
         if dist.get_rank() == 0:
@@ -105,6 +131,10 @@ class TrainingCheckpoints:
             clear_stale(out, "incomplete")
         dist.barrier()
         return out
+
+    def saved_settings(self, path: Path) -> Optional[dict]:
+        """The settings the run had when it saved ``path`` (None for a checkpoint without them)."""
+        return read_metadata(path).get("settings")
 
     def load(self, path: Path, model, optimizer, scheduler) -> dict[str, Any]:
         """Restore model, optimizer, schedule and RNG from ``path``; returns the trainer state."""
@@ -115,6 +145,11 @@ class TrainingCheckpoints:
         with torch.no_grad():  # fp32 main parameters are views of the model's
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
+        # the saved param groups carry the old run's rates, which megatron-core's schedule reads
+        # before its own: the config's must win on resume
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for group in opt.param_groups:
+                group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
         scheduler.load_state_dict(state["scheduler"])
         if same_world:
             set_rng_state(state["rng_state"])

@@ -69,8 +69,10 @@ def wrap_and_optimize(model: torch.nn.Module, settings: OptimizerSettings, total
         use_distributed_optimizer=settings.distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=not platform.has_cuda())
     warmup = int(round(settings.warmup_ratio * total_steps))
+    # warmup from lr / (w + 1): step k (from 0) runs at lr * (k + 1) / (w + 1), so the first step
+    # learns too (from 0, megatron-core's default, it would run at lr 0) and step w reaches lr
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup else settings.lr, max_lr=settings.lr, min_lr=settings.min_lr,
+        optimizer, init_lr=settings.lr / (warmup + 1), max_lr=settings.lr, min_lr=settings.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, 1), lr_decay_style=settings.lr_schedule,
         start_wd=settings.weight_decay, end_wd=settings.weight_decay, wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",

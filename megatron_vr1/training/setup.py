@@ -4,6 +4,7 @@ checkpoints and metrics, from the Hydra config shared by the SFT and RL entry po
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..data.images import CLIP_MEAN, CLIP_STD
 from ..errors import UsageError
 from ..models.qwen2_5_vl import ConfigError, ImageTokenError, ParallelLayout, Qwen25VLArgs, build_model
 from ..models.qwen2_5_vl.specs import resolve_backend
-from .checkpoint import TrainingCheckpoints, collect_hf_assets
+from .checkpoint import TrainingCheckpoints, collect_hf_assets, resolve_checkpoint
 
 # errors that mean "change the command or the data": one line, exit 2 (tracebacks are for bugs)
 USER_ERRORS = (UsageError, ConfigError, CheckpointError, RecordError, SampleError, ImageError, ImageTokenError,
@@ -30,11 +31,15 @@ USER_ERRORS = (UsageError, ConfigError, CheckpointError, RecordError, SampleErro
 
 
 def main_guard(run: Callable[[DictConfig], Any], cfg: DictConfig, name: str) -> None:
-    """Run an entry point (or, with ``dry_run=true``, plan it); a user error prints one line (per
-    rank that hits it) and exits 2."""
-    if cfg.get("dry_run"):
-        from ..planning import dry_run as run
+    """Run an entry point (or, with ``dry_run=true``, plan it: exit status 1 when the plan does
+    not fit, as ``tools/plan.py``); a user error prints one line (per rank that hits it) and exits 2."""
     try:
+        if cfg.get("dry_run"):
+            from ..planning import dry_run
+
+            if not dry_run(cfg).fits:
+                sys.exit(1)
+            return
         run(cfg)
     except USER_ERRORS as e:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -42,6 +47,18 @@ def main_guard(run: Callable[[DictConfig], Any], cfg: DictConfig, name: str) -> 
         print(f"{name}{where}: error: {e}", file=sys.stderr, flush=True)
         platform.shutdown_distributed()
         sys.exit(2)
+
+
+def prepare_job(cfg: DictConfig) -> None:
+    """What a trainer does first, before any process group starts: ``init_from`` becomes the
+    checkpoint it names (a run directory: its newest complete one, said on rank 0), and the job is
+    checked as the planner and ``dry_run`` check it (:func:`~megatron_vr1.planning.validate.check_job`)."""
+    from ..planning.validate import check_job
+
+    if cfg.init_from:
+        say = print if os.environ.get("RANK", "0") == "0" else (lambda *_: None)
+        cfg.init_from = str(resolve_checkpoint(cfg.init_from, "init_from", say=say))
+    check_job(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
 @dataclass
@@ -173,7 +190,23 @@ def processor_file(images: ImageConfig) -> str:
 def checkpoints(cfg: DictConfig, images: ImageConfig, tokenizer: Path) -> TrainingCheckpoints:
     assets = collect_hf_assets(source_assets(cfg), tokenizer,
                                generated={"preprocessor_config.json": processor_file(images)})
-    return TrainingCheckpoints(cfg.checkpoint.dir, keep_last=int(cfg.checkpoint.keep_last), hf_assets=assets)
+    return TrainingCheckpoints(cfg.checkpoint.dir, keep_last=int(cfg.checkpoint.keep_last), hf_assets=assets,
+                               settings=OmegaConf.to_container(cfg, resolve=True))
+
+
+def resume_point(cfg: DictConfig, ckpts: TrainingCheckpoints, *, writer: bool) -> Optional[Path]:
+    """The checkpoint this run resumes from (None: a fresh start), after checking what changed
+    since it was saved (:mod:`.resume`): the diff printed on the writer rank, a change the run
+    cannot follow refused unless ``resume_allow_changes=true``."""
+    from .resume import check_resume
+
+    resume = ckpts.latest()
+    if resume is not None:
+        lines = check_resume(ckpts.saved_settings(resume), OmegaConf.to_container(cfg, resolve=True),
+                             allow=bool(cfg.get("resume_allow_changes")), where=str(resume))
+        if writer and lines:
+            print("\n".join(lines), flush=True)
+    return resume
 
 
 def save_due(cfg: DictConfig, step: int, total_steps: int, stopping: bool) -> bool:
@@ -182,9 +215,14 @@ def save_due(cfg: DictConfig, step: int, total_steps: int, stopping: bool) -> bo
     return stopping or step % int(cfg.checkpoint.every) == 0 or (step == total_steps and bool(cfg.checkpoint.at_end))
 
 
-def load_tokenizer_for(cfg: DictConfig):
+def load_tokenizer_for(cfg: DictConfig, args: Qwen25VLArgs):
+    """The run's tokenizer folder and tokenizer, checked against the model's special-token ids."""
+    from ..data.tokenizer import check_tokenizer
+
     path = tokenizer_dir(cfg)
-    return path, load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    check_tokenizer(tokenizer, args, str(path))
+    return path, tokenizer
 
 
 def config_summary(cfg: DictConfig) -> str:

@@ -36,6 +36,9 @@ set -e
 if [[ $verdict -eq 2 ]]; then
     echo "launch: refused: the layout or an option is wrong for $WORLD processes (see the planner above)" >&2
     exit 2
+elif [[ $verdict -ne 0 && $verdict -ne 1 ]]; then
+    echo "launch: refused: the planner itself failed (exit status $verdict; its output is above), so nothing was checked" >&2
+    exit "$verdict"
 elif [[ $verdict -ne 0 && "${PLAN_CHECK:-1}" != 0 ]]; then
     echo "launch: refused: the planner says this job does not fit the GPU memory; change the layout or set PLAN_CHECK=0" >&2
     exit 1
