@@ -9,7 +9,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from .models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _conf_dir() -> Path:
+    """The Hydra configs: ``megatron_vr1/conf`` in an installed wheel, the checkout's ``conf/``
+    otherwise (an editable install maps the package there)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "conf", here.parent / "conf"):
+        if (folder / "sft.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"megatron_vr1's configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+CONF_DIR = _conf_dir()
 
 
 def load_model_conf(name: str) -> DictConfig:

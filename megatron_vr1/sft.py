@@ -28,8 +28,9 @@ from .training import flops
 from .training.metrics import MetricsLog
 from .training.optimizer import OptimizerSettings, wrap_and_optimize
 from .training.profile import StepProfiler
-from .training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, main_guard, prepare_job,
-                             resume_point, save_due, start_parallel)
+from .training.setup import (build_policy, check_data, checkpoints, image_config, load_tokenizer_for, main_guard,
+                             prepare_job, resume_point, save_due, start_parallel)
+from .text import counted
 from .training.step import CrossEntropy, train_step
 from .training.stopping import StopRequest
 
@@ -49,6 +50,7 @@ def run(cfg: DictConfig) -> None:
     dataset = SFTDataset(cfg.data.train, tokenizer, par.args, image_root=cfg.data.image_root,
                          max_tokens=int(cfg.data.max_tokens), image_cfg=images,
                          skip_bad_samples=bool(cfg.data.skip_bad_samples), **kwargs)
+    check_data(cfg, dataset, par)
     train = cfg.train
     total_steps = int(train.steps) if train.steps else math.ceil(float(train.epochs) * len(dataset)
                                                                   / int(train.global_batch_size))
@@ -69,7 +71,7 @@ def run(cfg: DictConfig) -> None:
                          tensorboard=bool(cfg.metrics.tensorboard), progress=cfg.metrics.progress, name="sft")
     if par.is_writer:
         origin = f"resumed from {resume}" if resume else (f"from {cfg.init_from}" if cfg.init_from else "random init")
-        print(f"sft: {len(dataset)} records, {total_steps} steps of {train.global_batch_size}, "
+        print(f"sft: {counted(len(dataset), 'record')}, {counted(total_steps, 'step')} of {train.global_batch_size}, "
               f"TP={par.layout.tensor_parallel} CP={par.layout.context_parallel} PP={par.layout.pipeline_parallel} "
               f"DP={par.dp_size}, {origin}",
               flush=True)
@@ -120,7 +122,7 @@ def run(cfg: DictConfig) -> None:
         loader.close()
         stop.restore()
     if par.is_writer and step >= total_steps:
-        print(f"sft: done, {step} steps; last checkpoint {ckpts.latest()}", flush=True)
+        print(f"sft: done, {counted(step, 'step')}; last checkpoint {ckpts.latest()}", flush=True)
     platform.shutdown_distributed()
     if stop.exit_code:  # stopped early: not done, and a shell must know it
         sys.exit(stop.exit_code)

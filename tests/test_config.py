@@ -155,3 +155,14 @@ def test_a_command_line_hydra_can_honour_passes(config, argv):
     from megatron_vr1.entry import check_overrides
 
     assert check_overrides(config, argv) is None
+
+
+def test_the_trainers_default_to_the_layer_spec_that_has_run():
+    """backend=local unless asked: the Transformer Engine spec has not run on a GPU here yet."""
+    from hydra import compose, initialize_config_dir
+
+    from megatron_vr1.config import CONF_DIR
+
+    for name in ("sft", "grpo"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            assert compose(name).backend == "local", name

@@ -84,6 +84,11 @@ def test_every_step_runs_and_the_rl_runs_switch_stage(demo):
         assert any(f.name.startswith("events.out.tfevents") for f in (out / run / "tensorboard").iterdir())
     assert (out / "hf_export" / "config.json").is_file() and list((out / "hf_export").glob("*.safetensors"))
     assert "max |logit difference| =" in report
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "hf_init" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
+    for remark in ("rope_scaling", "bos_token_id must be", "1 ranks", "1 steps"):  # nothing that says nothing
+        assert remark not in proc.stdout + proc.stderr, remark
 
 
 def test_plots_are_pngs_with_one_point_per_step(demo):

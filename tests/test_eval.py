@@ -366,9 +366,12 @@ def _published_parquets(folder):
     return folder
 
 
-def test_published_benchmark_parquets_evaluate_with_their_embedded_images(toy_checkpoints, tmp_path):
-    """Each published parquet alone in a folder: every record is generated and scored, ids are the
-    benchmarks' own (pid, sample_index), and the prompt is the benchmark's own (prompt=auto)."""
+def test_published_benchmark_files_evaluate_as_released(toy_checkpoints, tmp_path):
+    """Each published parquet alone in a folder (and MM-Math's JSONL beside its image folder):
+    every record is generated and scored, ids are the benchmarks' own (pid, sample_index,
+    file_name), and the prompt is the benchmark's own (prompt=auto)."""
+    from PIL import Image
+
     from megatron_vr1.data import load_tokenizer
     from megatron_vr1.data.formats import EvalDataset
     from megatron_vr1.models.qwen2_5_vl import Qwen25VLArgs
@@ -377,6 +380,19 @@ def test_published_benchmark_parquets_evaluate_with_their_embedded_images(toy_ch
     expect = {"mathvista_testmini": ("mathvista", ["1", "2", "3"], "Hint: Please answer the question requiring"),
               "mathverse_testmini": ("mathverse", ["1", "2"], "Please first conduct reasoning"),
               "mathverse_testmini_text_only": ("mathverse", ["1"], "Please first conduct reasoning")}
+    # MM-Math as released: JSONL, its images in a folder by file_name, the answer in the solution's box
+    (folder / "images").mkdir()
+    Image.new("RGB", (84, 84), (90, 90, 90)).save(folder / "images" / "q1.png")
+    (folder / "mm_math.jsonl").write_text(json.dumps({
+        "question": "In the figure, AB = 3 and BC = 4. Find AC.", "file_name": "q1.png",
+        "solution": "By Pythagoras, AC = \\sqrt{9 + 16}, so the answer is \\boxed{5}.", "year": "2021",
+        "difficult": "0.6", "knowledge": "Pythagorean theorem"}) + "\n")
+    summary = _eval(tmp_path / "mm_math", toy_checkpoints / "mcore", folder / "mm_math.jsonl", max_new_tokens=6,
+                    image_root=str(folder / "images"))
+    (row,) = _rows(tmp_path / "mm_math")
+    assert (row["id"], row["answer"], row["benchmark"], row["difficult"], row["knowledge"]) == (
+        "q1.png", "5", "mm-math", "0.6", "Pythagorean theorem")
+    assert set(summary["benchmarks"]["mm-math"]["categories"]) == {"difficult", "year", "knowledge"}
     for name, (bench, ids, hint) in expect.items():
         summary = _eval(tmp_path / name, toy_checkpoints / "mcore", folder / f"{name}.parquet", max_new_tokens=6)
         rows = _rows(tmp_path / name)
@@ -394,6 +410,41 @@ def test_published_benchmark_parquets_evaluate_with_their_embedded_images(toy_ch
     assert "Which is longer?\nChoices:\nA. AB\nB. CD" in tok.decode(plain[0].sample.input_ids)
     verse = list(EvalDataset(folder / "mathverse_testmini.parquet", tok, args, prompt="query_wo"))
     assert "Please directly answer" in tok.decode(verse[1].sample.input_ids)
+
+
+def test_the_export_serves_the_prompts_the_model_was_rolled_out_and_evaluated_with(toy_checkpoints, tmp_path):
+    """The exported folder's chat template gives, token for token, the prompt an evaluation (and
+    an RL rollout) of the same record builds: no default system turn. Its generation_config.json
+    samples as conf/eval.yaml evaluates."""
+    from omegaconf import OmegaConf
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from megatron_vr1.config import CONF_DIR
+    from megatron_vr1.data import load_tokenizer
+    from megatron_vr1.data.formats import EvalDataset
+    from megatron_vr1.models.qwen2_5_vl import Qwen25VLArgs
+
+    export = toy_checkpoints / "hf_export"
+    Image.new("RGB", (112, 84), (200, 30, 30)).save(tmp_path / "shape.png")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": "r", "question": "What colour is the shape?",
+                                                  "image": "shape.png", "answer": "red"}) + "\n")
+    args = Qwen25VLArgs.from_hf_config(json.loads((export / "config.json").read_text()))
+    (prompt,) = list(EvalDataset(tmp_path / "r.jsonl", load_tokenizer(export), args))
+    ours = prompt.sample.input_ids.tolist()
+    ours = [t for k, t in enumerate(ours) if not (t == args.image_token_id and ours[k - 1] == t)]  # one pad per image
+    tok = AutoTokenizer.from_pretrained(str(export), local_files_only=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok(text, add_special_tokens=False)["input_ids"] == ours
+    assert "You are a helpful assistant" not in text
+    with_system = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *messages], tokenize=False)
+    assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    gen = json.loads((export / "generation_config.json").read_text())
+    published = OmegaConf.load(CONF_DIR / "eval.yaml")
+    assert (gen["temperature"], gen["top_p"], gen["max_new_tokens"]) == (published.temperature, published.top_p,
+                                                                          published.max_new_tokens)
+    assert gen["do_sample"] and gen["top_k"] == 0 and gen["eos_token_id"]
 
 
 def test_killed_evaluation_resumes_without_repeats_or_losses(toy_checkpoints, tmp_path):

@@ -190,3 +190,50 @@ def test_global_batches_are_the_same_records_at_any_dp_size_balanced_over_ranks(
         resumed = GlobalBatchLoader(data, dp_rank=0, dp_size=dp, **kw)
         resumed.load_state_dict(state)
         assert _step_ids(resumed.next_step(), tokenizer) == _step_ids(loaders[0].next_step(), tokenizer)
+
+
+def _bad_data(root):
+    """Ten records, three of them bad in the ways a real run met them at steps 8, 11 and 12: a
+    malformed record, a missing image, a damaged image (a PNG whose pixel data fails its checksum)."""
+    _write_images(root, 10)
+    damaged = bytearray((root / "img" / "7.png").read_bytes())
+    damaged[-40] ^= 0xFF  # inside the last data chunk: the header still reads
+    (root / "img" / "7.png").write_bytes(bytes(damaged))
+    records = [_record(i, f"img/{i}.png") for i in range(10)]
+    records[2] = {"id": 2, "messages": [{"role": "user", "content": 5}]}
+    records[5]["images"] = ["img/missing.png"]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    return root / "sft.jsonl"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_preflight_finds_every_bad_record_before_anything_trains(tmp_path, tokenizer, args, workers, monkeypatch):
+    from megatron_vr1.data import preflight as module
+    from megatron_vr1.data.preflight import find_bad_records, preflight
+    from megatron_vr1.errors import UsageError
+
+    monkeypatch.setattr(module, "POOL_MIN", 1)  # ten records through the worker pool too
+    path = _bad_data(tmp_path)
+    data = SFTDataset(path, tokenizer, args)
+    bad = find_bad_records(data, workers=workers)
+    assert [i for i, _ in bad] == [2, 5, 7], bad
+    assert "content must be text" in bad[0][1] and "img/missing.png does not exist" in bad[1][1]
+    assert "data.image_root" in bad[1][1] and "7.png cannot be decoded" in bad[2][1]
+    with pytest.raises(UsageError, match=r"^3 bad records of 10: sft.jsonl:3 \(id 2\).*set data.skip_bad_samples"):
+        preflight(data, skip_bad=False, workers=workers)
+    said = []
+    assert preflight(SFTDataset(path, tokenizer, args, skip_bad_samples=True), skip_bad=True, workers=workers,
+                     say=said.append) == 3
+    assert said[0].startswith("data check: 3 records of 10 will be skipped and counted")
+
+
+def test_a_worker_s_error_is_its_own_one_line(tmp_path, tokenizer, args):
+    """An error inside a DataLoader worker reaches the trainer as the error itself, not a worker
+    traceback."""
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        _record(0), {"id": 1, "messages": [{"role": "user", "content": "no reply"}]}]))
+    loader = ShardedLoader(SFTDataset(tmp_path / "sft.jsonl", tokenizer, args), seed=0, shuffle=False, num_workers=1)
+    with pytest.raises(ValueError) as caught:
+        loader.take(2)
+    loader.close()
+    assert str(caught.value) == "sft.jsonl:2 (id 1): conversation has no assistant reply to train on"

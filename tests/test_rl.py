@@ -144,7 +144,8 @@ def test_megatron_engine_runs_grpo_like_the_hf_engine(tmp_path, colour_task, toy
     runs = {"hf": (1, ()), "megatron": (2, tp2), "megatron-copy": (2, (*tp2, "+rl.engine_options.tensor_parallel=1"))}
     # one update per step: with every advantage 0, each Adam step turns rounding-level gradients,
     # which differ between TP=1 and TP=2, into full-size steps; four per step drift too far apart
-    one_update = [a for a in rl_args(root, init, toy_tokenizer_dir, SHORT, *greedy)
+    two_steps = "[{max_response_tokens: 32, group_size: 4, steps: 1}, {max_response_tokens: 48, group_size: 2, steps: 1}]"
+    one_update = [a for a in rl_args(root, init, toy_tokenizer_dir, two_steps, *greedy)
                   if not a.startswith(("rl.mini_batches=", "rl.ppo_epochs="))] + ["rl.mini_batches=1"]
     for name, (nproc, extra) in runs.items():
         launch("megatron_vr1.rl", tmp_path / name, nproc, *one_update, *extra)

@@ -305,6 +305,24 @@ def test_a_run_directory_as_init_from_takes_its_newest_checkpoint(tmp_path, refe
     assert (f"init_from={reference_runs['tp1']}: a run directory; taking its newest complete checkpoint, "
             f"iter_0000004") in proc.stdout
     assert f"from {reference_runs['tp1'] / 'iter_0000004'}" in proc.stdout
+    console = (tmp_path / "run" / "console.log").read_text()  # what rank 0 printed, kept beside the metrics
+    assert "taking its newest complete checkpoint" in console and "sft: done, 1 step; last checkpoint" in console
+    assert "step 1/1 " in console
+
+
+def test_the_time_to_go_leaves_out_the_first_step(tmp_path, monkeypatch, capsys):
+    """A first step that takes 100 s (start-up, compilation) and later ones of 1 s: the time to go
+    is counted at 1 s a step."""
+    from megatron_vr1.training import metrics
+
+    clock = iter([100.0, 101.0, 102.0])
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+    log = metrics.MetricsLog(tmp_path, total_steps=10, tensorboard=False, progress=False)
+    for step in (1, 2, 3):
+        log.log(step, {"loss": 1.0, "skipped": 2 if step == 3 else 0})
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("eta 0:00:08") and lines[2].endswith("skipped=2 eta 0:00:07"), lines
 
 
 def test_a_resumed_run_takes_the_new_settings_and_says_what_changed(tmp_path, reference_runs, demo_with_tokenizer,
@@ -332,14 +350,40 @@ def test_a_resumed_run_takes_the_new_settings_and_says_what_changed(tmp_path, re
     assert "seed: 1234 -> 99" in allowed.stdout
 
 
+def test_bad_records_stop_the_run_before_its_first_step(tmp_path, demo_with_tokenizer, init_ckpt):
+    """A malformed record, a missing image and a damaged one (in worker processes, data.num_workers=2):
+    the pre-flight names them in one line before step 1, nothing is trained or saved; under
+    data.skip_bad_samples=true the run says how many it will skip and trains on the rest."""
+    import shutil
+
+    records = json.loads((demo_with_tokenizer / "sft.json").read_text())
+    shutil.copytree(demo_with_tokenizer / "images", tmp_path / "images")
+    damaged = bytearray((tmp_path / records[9]["images"][0]).read_bytes())
+    damaged[-40] ^= 0xFF
+    (tmp_path / records[9]["images"][0]).write_bytes(bytes(damaged))
+    del records[3]["messages"]
+    records[6]["images"] = ["images/missing.png"]
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    args = [a for a in common(demo_with_tokenizer, init_ckpt, "train.steps=1") if not a.startswith(
+        ("data.train=", "data.num_workers="))] + [f"data.train={tmp_path / 'bad.json'}", "data.num_workers=2"]
+    proc = sft(tmp_path / "run", 1, *args, check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "3 bad records of 12: bad.json[3]" in errors[0] and "data.image_root" in errors[0], errors
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+    skipped = sft(tmp_path / "run2", 1, *args, "data.skip_bad_samples=true")
+    assert "data check: 3 records of 12 will be skipped and counted" in skipped.stdout
+
+
 def test_too_long_records_are_skipped_and_counted_when_asked(tmp_path, demo_with_tokenizer, init_ckpt):
     run_dir = tmp_path / "run"
     # at TP=2 both ranks of the replica see the skips; they are counted once
-    sft(run_dir, 2, *common(demo_with_tokenizer, init_ckpt, "train.steps=2", "data.max_tokens=160",
-                            "data.skip_bad_samples=true", *LAYOUTS["tp2"][1]))
+    proc = sft(run_dir, 2, *common(demo_with_tokenizer, init_ckpt, "train.steps=2", "data.max_tokens=160",
+                                   "data.skip_bad_samples=true", *LAYOUTS["tp2"][1]))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(m["skipped"] for m in metrics) > 0
     assert all(m["samples"] + m["skipped"] == 8 for m in metrics)
+    assert f"skipped={metrics[0]['skipped']}" in proc.stdout  # on the console too, not only in the metrics
 
 
 def _other_model(path: Path) -> None:

@@ -172,11 +172,48 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config: str | Path
         config = _deep_update(base, dict(args.to_hf_config(), torch_dtype=meta["dtype"], dtype=meta["dtype"],
                                          transformers_version=_transformers_version()))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        copied = copy_side_files(source, tmp)
-        if "generation_config.json" not in copied:
-            gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        copy_side_files(source, tmp)
+        serve_as_trained(tmp)
     return {"tensors": len(index["weight_map"]), "bytes": index["metadata"]["total_size"]}
+
+
+# Vision-R1's evaluation sampling (conf/eval.yaml's defaults): what a server started on an export
+# samples with unless a request says otherwise
+SERVED_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.0,
+                   "max_new_tokens": 16000}
+# the default system turn of Qwen2-VL's chat template: RL and evaluation prompts have none
+DEFAULT_SYSTEM_TURN = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+                       "You are a helpful assistant.<|im_end|>\n{% endif %}")
+
+
+def serve_as_trained(folder: Path) -> None:
+    """Make an exported folder serve the prompts the model was rolled out and evaluated with: the
+    chat template without its default system turn (a request's own system message still renders),
+    and ``generation_config.json`` with the evaluation's sampling."""
+    from ..data.tokenizer import CHAT_TEMPLATE
+
+    def plain(template: str) -> str:
+        if DEFAULT_SYSTEM_TURN in template:
+            return template.replace(DEFAULT_SYSTEM_TURN, "")
+        return CHAT_TEMPLATE.replace(DEFAULT_SYSTEM_TURN, "")  # a template we cannot edit: Qwen2-VL's own
+
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if isinstance(config.get("chat_template"), str):
+            config["chat_template"] = plain(config["chat_template"])
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    if (folder / "chat_template.json").is_file():
+        data = json.loads((folder / "chat_template.json").read_text())
+        data["chat_template"] = plain(data["chat_template"])
+        (folder / "chat_template.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    if (folder / "chat_template.jinja").is_file():
+        (folder / "chat_template.jinja").write_text(plain((folder / "chat_template.jinja").read_text()))
+    gen_file = folder / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else \
+        {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
+    gen.update(SERVED_SAMPLING)
+    gen_file.write_text(json.dumps(gen, indent=2))
 
 
 def _transformers_version() -> str:

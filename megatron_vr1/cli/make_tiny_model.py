@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..training import quiet  # noqa: F401  (first: before megatron-core is imported)
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def write_tiny_model(out: str | Path, hf_config: dict, *, tokenizer: str, seed: 
     builders[tokenizer](tmp)
     (tmp / "preprocessor_config.json").write_text(processor_file(ImageConfig(min_pixels=min_pixels,
                                                                              max_pixels=max_pixels)))
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():  # safetensors writes through a private temporary file (mode 0600)
+        f.chmod(0o666 & ~umask)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

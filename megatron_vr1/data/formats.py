@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..models.qwen2_5_vl import Qwen25VLArgs
-from .images import ImageConfig, ImageError, image_grid, image_size, load_image, process_images
+from .images import ImageConfig, ImageError, check_image, image_grid, image_size, load_image, process_images
 from .template import DEFAULT_SYSTEM_PROMPT, IMAGE_PLACEHOLDER, Sample, SampleError, build_sample, tokenize_chat
 
 _DEFAULT = object()  # "use the dataset kind's default system prompt"
@@ -150,7 +150,7 @@ def _image_list(record: dict) -> list:
     ``image`` path it does not ship and the embedded ``decoded_image``: the embedded one wins."""
     images = record.get("decoded_image")
     if images is None:
-        images = record.get("images", record.get("image"))
+        images = record.get("images", record.get("image", record.get("file_name")))  # MM-Math: file_name
     if images is None:
         return []
     if _is_image_source(images):
@@ -189,8 +189,8 @@ def sft_messages(record: dict) -> tuple[list[dict], list[str]]:
 
 # fields the datasets consume; everything else a record carries travels on in Prompt.extra
 _RL_FIELDS = {"problem", "question", "prompt", "answer", "solution", "images", "image", "id"}
-_EVAL_FIELDS = {"question", "query", "problem", "answer", "images", "image", "decoded_image", "id", "pid",
-                "sample_index", "choices"}
+_EVAL_FIELDS = {"question", "query", "problem", "answer", "images", "image", "decoded_image", "file_name", "id",
+                "pid", "sample_index", "choices"}
 # eval.prompt=auto: the benchmark's own prompt field where its records carry one (MathVista's
 # query holds its hint and choices; MathVerse's query_cot asks for reasoning first), else the question
 PROMPT_FIELDS = {"mathvista": "query", "mathverse": "query_cot"}
@@ -240,15 +240,19 @@ def eval_record(record: dict, prompt: str = "auto") -> dict:
     if not isinstance(question, str) or not question.strip():
         raise SampleError(f"record has no {field!r} text to ask (eval prompt={prompt})")
     answer = record.get("answer")
+    if answer is None and isinstance(record.get("solution"), str):  # MM-Math as released: the solution's box
+        from ..rl.reward import extract_answer
+
+        answer = extract_answer(record["solution"])
     if answer is None:
-        raise SampleError("record has no answer")
+        raise SampleError("record has no answer (nor a solution with a \\boxed{} one)")
     choices = record.get("choices")
     if choices is not None and not isinstance(choices, list):
         raise SampleError(f"'choices' must be a list, got {type(choices).__name__}")
     # MathVista has both: question_type says multiple choice or free form, answer_type the
     # answer's kind (text, integer, float, list)
     question_type = record.get("question_type", "multi_choice" if choices else "free_form")
-    rid = next((record[k] for k in ("id", "pid", "sample_index") if record.get(k) is not None), "")
+    rid = next((record[k] for k in ("id", "pid", "sample_index", "file_name") if record.get(k) is not None), "")
     return {**_extra(record, _EVAL_FIELDS | {field}), "id": str(rid), "question": question, "prompt_field": field,
             "images": _image_list(record), "answer": str(answer), "choices": choices, "question_type": question_type,
             "answer_type": record.get("answer_type")}
@@ -309,6 +313,26 @@ class _RecordSource(torch.utils.data.Dataset):
     def measure(self, record: dict) -> int:
         raise NotImplementedError
 
+    def image_sources(self, record: dict) -> list:
+        raise NotImplementedError
+
+    def check(self, index: int) -> Optional[str]:
+        """What is wrong with record ``index`` (its fields, its chat template, its length, its images'
+        headers and file structure; no pixels decoded), named, or None: the pre-flight's question."""
+        try:
+            self._guarded_strict(index, lambda r: (self.measure(r), [check_image(s, self.image_root)
+                                                                      for s in self.image_sources(r)]))
+        except (SampleError, ImageError, RecordError) as e:
+            return str(e)
+        return None
+
+    def _guarded_strict(self, index: int, fn):
+        skip, self.skip_bad_samples = self.skip_bad_samples, False
+        try:
+            return self._guarded(index, fn)
+        finally:
+            self.skip_bad_samples = skip
+
     def __iter__(self) -> Iterator:
         """Every sample in file order; ``report`` counts this pass's skips (a bad record once per pass)."""
         self.report = SkipReport()
@@ -335,6 +359,9 @@ class SFTDataset(_RecordSource):
         sample = build_sample(self.tokenizer, self.args, messages, pixel_values, grid, image_cfg=self.image_cfg,
                               system_prompt=self.system_prompt)
         return self._checked(sample, len(sample), sample.loss_mask)
+
+    def image_sources(self, record: dict) -> list:
+        return sft_messages(record)[1]
 
     def measure(self, record: dict) -> int:
         messages, paths = sft_messages(record)
@@ -374,6 +401,17 @@ class RLDataset(_RecordSource):
         # the problem text is used as written (RL sets usually list their options in it)
         return self._prompt(str(record.get("id", "")), problem, paths, answer, _extra(record, _RL_FIELDS))
 
+    def image_sources(self, record: dict) -> list:
+        return rl_problem(record)[1]
+
+    def measure(self, record: dict) -> int:
+        problem, paths, _ = rl_problem(record)
+        ids, _ = tokenize_chat(self.tokenizer, [{"role": "user", "content": problem}], self._grids(paths),
+                               image_cfg=self.image_cfg, system_prompt=self.system_prompt, add_generation_prompt=True)
+        if len(ids) > self.max_tokens:
+            raise SampleError(f"prompt of {len(ids)} tokens exceeds max_tokens={self.max_tokens}")
+        return len(ids)
+
     def _prompt(self, rid: str, text: str, paths: list[str], answer: str, extra: dict) -> Prompt:
         pixel_values, grid = process_images(self._images(paths), self.image_cfg)
         sample = build_sample(self.tokenizer, self.args, [{"role": "user", "content": text}], pixel_values, grid,
@@ -390,6 +428,12 @@ class EvalDataset(RLDataset):
     def __init__(self, *args, prompt: str = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.prompt = prompt
+
+    def image_sources(self, record: dict) -> list:
+        return eval_record(record, self.prompt)["images"]
+
+    def measure(self, record: dict) -> int:
+        return len(self.build(record).sample)
 
     def build(self, record: dict) -> Prompt:
         fields = eval_record(record, self.prompt)

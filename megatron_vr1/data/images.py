@@ -82,7 +82,8 @@ def resolve_image(source, root: str | Path | None):
     if root is not None and not path.is_absolute():
         path = Path(root) / path
     if not path.is_file():
-        raise ImageError(f"image file {path} does not exist")
+        raise ImageError(f"image file {path} does not exist (a relative path is read under the data's image root: "
+                         f"data.image_root for the trainers, image_root for eval; by default the data file's folder)")
     return str(path), path
 
 
@@ -112,6 +113,19 @@ def image_size(source, root: str | Path | None = None) -> tuple[int, int]:
     try:
         with Image.open(opener) as img:
             return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"image {name} cannot be decoded: {e}") from e
+
+
+def check_image(source, root: str | Path | None = None) -> None:
+    """Check an image without decoding its pixels: it exists, its header reads, and its file's
+    structure holds (PIL's ``verify``: e.g. every PNG chunk's checksum). Errors name the file."""
+    if isinstance(source, Image.Image):
+        return
+    name, opener = resolve_image(source, root)
+    try:
+        with Image.open(opener) as img:
+            img.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"image {name} cannot be decoded: {e}") from e
 

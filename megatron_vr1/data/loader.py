@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .formats import Skipped, SkipReport
+from .formats import RecordError, Skipped, SkipReport
+from .images import ImageError
+from .template import SampleError
 from .packing import pack_balanced
 
 HOLE = -1  # a rank's slot in an epoch's last round that falls past the end
@@ -135,7 +137,10 @@ class _PositionedLoader:
                     source, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
                     pin_memory=self.pin_memory, collate_fn=_as_is, persistent_workers=False)
             self._items = iter(source)
-        item, self.epoch, self.offset = next(self._items)
+        try:
+            item, self.epoch, self.offset = next(self._items)
+        except (SampleError, ImageError, RecordError) as e:  # a worker's error, re-raised with its traceback
+            raise type(e)(own_message(e)) from None
         return item
 
 
@@ -230,6 +235,17 @@ class GlobalBatchLoader(_PositionedLoader):
         for item in step.skipped:
             self.report.add(item)
         return step
+
+
+def own_message(error: Exception) -> str:
+    """An error's own message: a DataLoader worker's error arrives with the worker's traceback
+    prepended ("Caught ... in DataLoader worker process 0. Original Traceback ..."), one line of
+    which is the message itself."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def _as_is(item):

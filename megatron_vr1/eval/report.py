@@ -17,7 +17,7 @@ PUBLISHED = {
 CATEGORY_FIELDS = {
     "mathvista": ("task", "skills", "question_type", "grade"),
     "mathverse": ("problem_version", "subject", "question_type"),
-    "mm-math": ("difficulty", "grade", "year", "category"),
+    "mm-math": ("difficulty", "difficult", "grade", "year", "knowledge", "category"),  # MM-Math says "difficult"
 }
 
 

@@ -62,7 +62,8 @@ def categories_of(record: dict) -> dict[str, object]:
         meta = record.get("metadata") or {}
         return {"problem_version": record.get("problem_version"), "question_type": record.get("question_type"),
                 "subject": meta.get("subject"), "subfield": meta.get("subfield")}
-    return {key: record[key] for key in ("difficulty", "grade", "year", "category") if key in record}
+    return {key: record[key] for key in ("difficulty", "difficult", "grade", "year", "knowledge", "category")
+            if key in record}
 
 
 # ---- MathVista

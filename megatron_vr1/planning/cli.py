@@ -70,3 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(format_plan(result, name), flush=True)
     return 0 if result.fits else 1
+
+
+def console_main() -> None:
+    """The ``megatron-vr1-plan`` command (and ``python -m megatron_vr1.planning``)."""
+    from ..training import quiet  # noqa: F401
+
+    sys.exit(main())

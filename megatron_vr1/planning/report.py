@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import model_from_conf
 from ..models.qwen2_5_vl import ParallelLayout, Qwen25VLArgs
+from ..text import counted
 from .activations import ActivationSettings
 from .counts import RankParams, rank_params, stage_layers
 from .memory import GiB, Plan, PlanSettings, RolloutSettings, plan as make_plan
@@ -75,8 +76,8 @@ def format_plan(plan: Plan, name: str) -> str:
         lines.append(row + f"    {_gib(st.peak)}")
     s = plan.settings
     shards = plan.data_parallel * plan.layout.context_parallel
-    notes = [f"GiB per rank; peak = weights, grads, optimizer (sharded over {shards} "
-             f"ranks{'' if s.distributed_optimizer else ': no, the distributed optimizer is off'})"
+    notes = [f"GiB per rank; peak = weights, grads, optimizer (sharded over {counted(shards, 'rank')}"
+             f"{'' if s.distributed_optimizer else ': no, the distributed optimizer is off'})"
              + (", reference, rollout weights" if s.rollout else "")
              + (" + the larger of activations and the rollout's working memory" if s.rollout else " + activations")
              + f" + {s.reserve_gb:g} GiB reserve"]
@@ -136,7 +137,7 @@ def dry_run(cfg: DictConfig) -> Plan:
     plan = make_plan(args, layout, settings)
     if os.environ.get("RANK", "0") == "0":
         name = cfg.model.get("name", "model")
-        print(f"dry run: built all {layout.tensor_parallel * layout.pipeline_parallel} stage ranks of {name} on the "
+        print(f"dry run: built all {counted(layout.tensor_parallel * layout.pipeline_parallel, 'stage rank')} of {name} on the "
               f"meta device; their parameter counts match the planner's")
         for stage, ranks in enumerate(built):
             print(f"  stage {stage}: {ranks[0].lm_layers} LM layers{' + ViT' if ranks[0].vision else ''}"

@@ -28,8 +28,9 @@ from ..kernels import group_advantages
 from ..models.qwen2_5_vl import build_model
 from ..training.metrics import MetricsLog
 from ..training.optimizer import OptimizerSettings, wrap_and_optimize
-from ..training.setup import (build_policy, checkpoints, image_config, load_tokenizer_for, prepare_job,
+from ..training.setup import (build_policy, check_data, checkpoints, image_config, load_tokenizer_for, prepare_job,
                               resume_point, save_due, start_parallel)
+from ..text import counted
 from ..training.step import run_micro_batches, train_step
 from ..training.stopping import StopRequest
 from .grpo import (CaptureLogprobs, GRPOObjective, RolloutSequence, TokenValues, micro_batches,
@@ -88,6 +89,7 @@ def run(cfg: DictConfig) -> None:
     dataset = RLDataset(cfg.data.train, tokenizer, par.args, image_root=cfg.data.image_root,
                         max_tokens=int(cfg.data.max_prompt_tokens), image_cfg=images,
                         skip_bad_samples=bool(cfg.data.skip_bad_samples))
+    check_data(cfg, dataset, par)
     per_step = {s.index: s.prompts_per_step or int(rl.rollout.prompts_per_step) for s in stages}
     epochs, minis = int(rl.ppo_epochs), int(rl.mini_batches)
     temperature = float(rl.rollout.temperature)
@@ -256,7 +258,7 @@ def run(cfg: DictConfig) -> None:
         if rewards is not None:
             rewards.close()
     if par.is_writer and step >= total_steps:
-        print(f"grpo: done, {step} steps; last checkpoint {ckpts.latest()}", flush=True)
+        print(f"grpo: done, {counted(step, 'step')}; last checkpoint {ckpts.latest()}", flush=True)
     platform.shutdown_distributed()
     if stop.exit_code:  # stopped early: not done, and a shell must know it
         sys.exit(stop.exit_code)

@@ -1,7 +1,9 @@
-"""Per-step metrics: one JSON line per optimizer step, TensorBoard scalars, a progress bar.
+"""Per-step metrics: one JSON line per optimizer step, TensorBoard scalars, a progress bar, and
+``console.log``: what the writing rank printed, beside ``metrics.jsonl``.
 
 Only the writing rank (global rank 0) writes. On resume, lines past the resumed step (written by
-the run that died after its last checkpoint) are dropped, so the file holds one history.
+the run that died after its last checkpoint) are dropped, so the file holds one history. The
+time to go leaves out a run's first step (start-up, first-call compilation).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start_step, self.total_steps = start_step, total_steps
         self._tb = self._bar = None
-        self._started = time.monotonic()
+        self._first_done: Optional[float] = None  # when this run's first step was logged
+        self.name = name
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,11 +36,9 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
-        interactive = sys.stderr.isatty() if progress is None else progress
-        if interactive:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
+        # the bar is made at the first step, after the trainer's header lines: made now, it would
+        # be drawn over by them
+        self._interactive = sys.stderr.isatty() if progress is None else progress
 
     def _truncate(self, step: int) -> None:
         if not self.path.exists():
@@ -57,13 +58,23 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
         shown = {k: record[k] for k in ("loss", "reward_mean", "lr", "stage") if k in record}
-        if self._bar is not None:
+        if record.get("skipped"):
+            shown["skipped"] = record["skipped"]  # records left out under data.skip_bad_samples
+        now = time.monotonic()
+        if self._first_done is None:
+            self._first_done, self._first_step = now, step
+        if self._interactive:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.name, unit="step",
+                                 dynamic_ncols=True)
             self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()},
                                   refresh=False)
             self._bar.update(step - self._bar.n)
         else:  # not a terminal: one plain line per step, with the time to go
-            done = step - self.start_step
-            eta = (time.monotonic() - self._started) / done * (self.total_steps - step) if done else float("nan")
+            timed = step - self._first_step  # steps since the first, whose time is start-up's too
+            eta = (now - self._first_done) / timed * (self.total_steps - step) if timed else float("nan")
             parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
             print(f"step {step}/{self.total_steps} {parts} eta {_duration(eta)}", flush=True)
 
@@ -75,6 +86,42 @@ class MetricsLog:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+CONSOLE = "console.log"
+
+
+class Tee:
+    """Append what this process writes to stdout and stderr to ``path`` as well, until closed
+    (the writing rank's ``<checkpoint.dir>/console.log``; a progress bar's redraws become lines)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)
+        self._streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = (_TeeStream(s, self._file) for s in self._streams)
+
+    def close(self) -> None:
+        sys.stdout, sys.stderr = self._streams
+        self._file.close()
+
+
+class _TeeStream:
+    def __init__(self, stream, file) -> None:
+        self._stream, self._file = stream, file
+
+    def write(self, text: str) -> int:
+        if not self._file.closed:
+            self._file.write(text.replace("\r", "\n") if "\r" in text else text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        if not self._file.closed:
+            self._file.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self._stream, name)
 
 
 def _plain(value):

@@ -32,14 +32,16 @@ USER_ERRORS = (UsageError, ConfigError, CheckpointError, RecordError, SampleErro
 
 def main_guard(run: Callable[[DictConfig], Any], cfg: DictConfig, name: str) -> None:
     """Run an entry point (or, with ``dry_run=true``, plan it: exit status 1 when the plan does
-    not fit, as ``tools/plan.py``); a user error prints one line (per rank that hits it) and exits 2."""
-    try:
-        if cfg.get("dry_run"):
-            from ..planning import dry_run
+    not fit, as ``tools/plan.py``); a user error prints one line (per rank that hits it) and exits 2.
+    A trainer's rank 0 also keeps what it prints in ``<checkpoint.dir>/console.log``."""
+    from .metrics import CONSOLE, Tee
 
-            if not dry_run(cfg).fits:
-                sys.exit(1)
-            return
+    if cfg.get("dry_run"):
+        run = _dry_run
+    ckpt = cfg.get("checkpoint")  # a trainer's section (eval's checkpoint= is a path)
+    folder = ckpt.get("dir") if isinstance(ckpt, DictConfig) and not cfg.get("dry_run") else None
+    console = Tee(Path(folder) / CONSOLE) if folder and os.environ.get("RANK", "0") == "0" else None
+    try:
         run(cfg)
     except USER_ERRORS as e:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -47,6 +49,16 @@ def main_guard(run: Callable[[DictConfig], Any], cfg: DictConfig, name: str) -> 
         print(f"{name}{where}: error: {e}", file=sys.stderr, flush=True)
         platform.shutdown_distributed()
         sys.exit(2)
+    finally:
+        if console is not None:
+            console.close()
+
+
+def _dry_run(cfg: DictConfig) -> None:
+    from ..planning import dry_run
+
+    if not dry_run(cfg).fits:
+        sys.exit(1)
 
 
 def prepare_job(cfg: DictConfig) -> None:
@@ -213,6 +225,18 @@ def save_due(cfg: DictConfig, step: int, total_steps: int, stopping: bool) -> bo
     """Whether a trainer saves after ``step``: on a stop request, every ``checkpoint.every``
     steps, and after the last step unless ``checkpoint.at_end`` is off."""
     return stopping or step % int(cfg.checkpoint.every) == 0 or (step == total_steps and bool(cfg.checkpoint.at_end))
+
+
+def check_data(cfg: DictConfig, dataset, par: Parallel) -> None:
+    """The pre-flight data check (``data.preflight``, on by default) before step 1: a bad record
+    stops the run now, in one line, or is counted and skipped under ``data.skip_bad_samples``."""
+    from ..data.preflight import preflight
+
+    if not cfg.data.get("preflight", True):
+        return
+    progress = cfg.metrics.progress if cfg.metrics.get("progress") is not None else sys.stderr.isatty()
+    preflight(dataset, skip_bad=bool(cfg.data.skip_bad_samples), workers=int(cfg.data.num_workers),
+              progress=bool(progress), say=print if par.is_writer else (lambda *_: None))
 
 
 def load_tokenizer_for(cfg: DictConfig, args: Qwen25VLArgs):
