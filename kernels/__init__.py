@@ -11,6 +11,20 @@ if __name__ == "megatron_vr1.kernels":
                "token_entropy", "token_logprobs"]
 else:
     # Imported as a bare top-level ``kernels`` because the checkout's root is on sys.path (``python
-    # -m`` from there): transformers probes for Hugging Face's package of that name and imports
-    # whatever it finds. Answer as an unusable version of it instead of loading the project twice.
-    __version__ = "0"
+    # -m`` from there). That name belongs to Hugging Face's package, which transformers imports:
+    # hand over to it where it is installed (found on sys.path without the checkout's root), else
+    # answer as an unusable version of it; never load the project a second time.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root])
+    if _spec is None:
+        __version__ = "0"
+    else:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # what `import kernels` returns from here on
+        _spec.loader.exec_module(_module)

@@ -19,6 +19,7 @@ import torch
 
 from .. import platform
 from . import reference
+from .packed import row_sequences
 
 Backend = str  # "auto" | "triton" | "torch"
 
@@ -146,7 +147,8 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
               advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
               clip_high: float = 0.2, clip_ratio_c: Optional[float] = 3.0, kl_beta: float = 0.0,
               kl_log_ratio_max: float = 20.0, kl_max: Optional[float] = 10.0, tp_group=None,
-              inplace_backward: bool = False,
+              rollout_weights: Optional[torch.Tensor] = None, ratio: str = "token",
+              cu_seqlens: Optional[torch.Tensor] = None, cp_group=None, inplace_backward: bool = False,
               backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token GRPO loss, log-probs and k3 KL (fp32, the shape of ``labels``, 0 on masked tokens).
 
@@ -156,15 +158,29 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
     ``r = exp(logp - old_logprobs)``, ``k3 = clamp(exp(d) - d - 1, +-kl_max)`` and ``d =
     clamp(ref_logprobs - logp, +-kl_log_ratio_max)`` (no gradient where either bound holds; verl
     bounds k3 at 10 too; ``kl_max=None``: no bound on k3's value).
+    ``rollout_weights`` (optional, no gradient, the shape of ``labels``) multiply ``pg`` per
+    token: the rollout correction's importance weights (``loss = w * pg + kl_beta * k3``).
+    ``ratio="sequence"`` is GSPO's: ``r`` is the geometric mean of the sequence's token ratios,
+    ``exp(mean_t(logp_t - old_t))`` over its unmasked tokens, on every one of its tokens, with the
+    gradient through each token's own log-prob (published as GSPO-token with a stop-gradient);
+    aggregated per sequence (``seq-mean-token-mean``) it is GSPO's objective. Sequences: packed
+    rows split by ``cu_seqlens``, else the rows of a ``[B, S]`` batch (a 1-D batch is one);
+    ``cp_group`` sums each sequence over the context-parallel ranks that hold its shares. The dual
+    clip is a token-ratio option (``clip_ratio_c=None`` here, as GSPO has none).
     Row t of ``logits`` (``[T, V]`` or ``[B, T, V]``) predicts ``labels[t]``; the other per-token
     inputs have the shape of ``labels``. Differentiable with respect to ``logits`` (all three
     outputs). ``inplace_backward`` writes the gradient into the logits' own storage (saves a
     logits-sized buffer; the logits must not be used afterwards).
     """
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("advantages", advantages),
-                    ("mask", mask)):
+                    ("mask", mask)) + ((("rollout_weights", rollout_weights),) if rollout_weights is not None else ()):
         _check_rows(name, t, logits.shape[:-1])
     _check_logits(logits, labels, mask, tp_group, temperature)
+    if ratio not in ("token", "sequence"):
+        raise ValueError(f"ratio must be 'token' or 'sequence', got {ratio!r}")
+    if ratio == "sequence" and clip_ratio_c is not None:
+        raise ValueError("the dual clip (clip_ratio_c) belongs to the token ratio: pass clip_ratio_c=None with "
+                         "ratio='sequence'")
     if clip_ratio_c is not None and not clip_ratio_c > 1 + clip_high:
         raise ValueError(f"clip_ratio_c must exceed 1 + clip_high = {1 + clip_high}, got {clip_ratio_c}")
     if not kl_log_ratio_max > 0:
@@ -172,18 +188,21 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
     if kl_max is not None and not kl_max > 0:
         raise ValueError(f"kl_max must be positive (or None for no bound), got {kl_max}")
     shape = labels.shape
-    logits, labels, old_logprobs, ref_logprobs, advantages, mask = _rows(
-        logits, labels, old_logprobs, ref_logprobs, advantages, mask)
+    sequence, num_sequences = (None, 0) if ratio == "token" else row_sequences(labels, cu_seqlens)
+    logits, labels, old_logprobs, ref_logprobs, advantages, mask, rollout_weights = _rows(
+        logits, labels, old_logprobs, ref_logprobs, advantages, mask, rollout_weights)
     clips = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, kl_beta=kl_beta,
                  kl_log_ratio_max=kl_log_ratio_max, kl_max=kl_max)
     if _use_triton(backend, logits):
         from .fused_grpo_loss import GRPOLossFunction
 
         out = GRPOLossFunction.apply(logits, labels.contiguous(), old_logprobs, ref_logprobs, advantages,
-                                     _kernel_mask(mask), temperature, clips, tp_group, inplace_backward)
+                                     _kernel_mask(mask), temperature, clips, tp_group, inplace_backward, rollout_weights, sequence,
+                                     num_sequences, cp_group)
     else:
         out = reference.grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask,
-                                  temperature=temperature, tp_group=tp_group, **clips)
+                                  temperature=temperature, tp_group=tp_group, rollout_weights=rollout_weights,
+                                  sequence=sequence, num_sequences=num_sequences, cp_group=cp_group, **clips)
     return tuple(t.reshape(shape) for t in out)
 
 

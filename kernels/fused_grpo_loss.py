@@ -20,6 +20,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from .packed import sequence_means
+
 BLOCK_V = 8192
 NUM_WARPS = 16  # tuned on an H200: see kernels/bench/RESULTS.md
 
@@ -121,7 +123,7 @@ class GRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, old_logprobs, ref_logprobs, advantages, mask, temperature, clips, tp_group,
-                inplace_backward):
+                inplace_backward, rollout_weights=None, sequence=None, num_sequences=0, cp_group=None):
         ctx.set_materialize_grads(False)  # an unused output's gradient is None, not 0 * (a maybe-inf factor)
         clip_low, clip_high, clip_c = clips["clip_low"], clips["clip_high"], clips["clip_ratio_c"]
         kl_beta, bound, kl_max = clips["kl_beta"], clips["kl_log_ratio_max"], clips["kl_max"]
@@ -129,7 +131,10 @@ class GRPOLossFunction(torch.autograd.Function):
         lse, target = row_stats(logits, labels, mask, temperature, tp_group)
         logp = torch.where(keep, target - lse, 0.0)
         adv = advantages.float()
-        ratio = torch.exp(logp - old_logprobs.float())
+        log_ratio = logp - old_logprobs.float()
+        if sequence is not None:  # GSPO: the sequence's ratio; d ratio / d logp_t = ratio, as for the token's own
+            log_ratio = sequence_means(log_ratio, keep, sequence, num_sequences, cp_group)
+        ratio = torch.exp(log_ratio)
         # A = 0 carries no signal: its loss and gradient are 0 even where the ratio overflows
         unclipped = torch.where(adv == 0, 0.0, ratio * adv)
         clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
@@ -137,6 +142,8 @@ class GRPOLossFunction(torch.autograd.Function):
         dual = (adv < 0) & (ratio > clip_c) if clip_c is not None else torch.zeros_like(keep)
         if clip_c is not None:
             pg = torch.where(dual, -adv * clip_c, pg)  # a negative advantage's loss is capped at -A*c
+        if rollout_weights is not None:  # the rollout correction's per-token importance weight
+            pg = pg * rollout_weights.float()
         raw_delta = ref_logprobs.float() - logp
         delta = torch.clamp(raw_delta, -bound, bound)
         exp_delta = torch.exp(delta)
@@ -151,6 +158,8 @@ class GRPOLossFunction(torch.autograd.Function):
         # d(pg)/d(logp): -A*r unless a clip (either side, or the dual clip) is the active branch
         clip_active = ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)) | dual
         dpg = torch.where(clip_active, 0.0, -unclipped)
+        if rollout_weights is not None:
+            dpg = dpg * rollout_weights.float()
         dk3 = torch.where(in_bounds, 1 - exp_delta, 0.0)  # d k3 / d logp; 0 where either clamp holds
         ctx.save_for_backward(logits, labels, lse, keep, dpg, dk3)
         ctx.temperature, ctx.kl_beta, ctx.tp_group, ctx.inplace = temperature, kl_beta, tp_group, inplace_backward
@@ -173,4 +182,4 @@ class GRPOLossFunction(torch.autograd.Function):
             # a fresh view of the storage: returned as the input tensor itself, autograd would copy
             # it before storing a leaf's .grad (the tensor is still referenced), a full extra pass
             grad = grad.view_as(grad)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None, None, None

@@ -66,6 +66,33 @@ def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.bucketize(rows, cu[1:], right=True)
 
 
+def row_sequences(labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Each (flattened) row's sequence and how many sequences: packed rows split by
+    ``cu_seqlens`` (rows past its end in none: index ``n``), else the rows of a ``[B, S]`` batch
+    (a 1-D batch is one sequence)."""
+    if cu_seqlens is not None:
+        if labels.dim() > 2 or (labels.dim() == 2 and labels.shape[0] != 1):
+            raise ValueError(f"packed labels with cu_seqlens must be [T] or [1, T], got {list(labels.shape)}")
+        return sequence_index(cu_seqlens.to(labels.device), labels.numel()), cu_seqlens.numel() - 1
+    rows = labels if labels.dim() == 2 else labels.reshape(1, -1)
+    return torch.arange(rows.shape[0], device=labels.device).repeat_interleave(rows.shape[1]), rows.shape[0]
+
+
+def sequence_means(values: torch.Tensor, mask: torch.Tensor, sequence: torch.Tensor, num_sequences: int,
+                   group=None) -> torch.Tensor:
+    """Each row's sequence mean of ``values`` over the sequence's ``mask``-ed rows (fp32, no
+    gradient): ``[rows]``. ``sequence``: each row's sequence in ``[0, num_sequences]`` (the last
+    one: rows in no sequence). Under ``group`` (context parallelism: every rank holds a share of
+    each sequence, the same sequences in the same order) the sums run over the group."""
+    keep = mask.bool()
+    sums = torch.zeros(2, num_sequences + 1, dtype=torch.float64, device=values.device)
+    sums[0].index_add_(0, sequence, torch.where(keep, values.detach().double(), 0.0))
+    sums[1].index_add_(0, sequence, keep.double())
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(sums, group=group)
+    return (sums[0] / sums[1].clamp(min=1))[sequence].float()
+
+
 class LossSum(NamedTuple):
     """A loss as numerator and denominator, to be summed over micro-batches and data-parallel
     ranks before dividing (megatron-core's ``calculate_per_token_loss`` pattern): only then is

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .packed import sequence_means
+
 STD_MODES = ("unbiased", "population", None)
 
 
@@ -91,13 +93,20 @@ def masked_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torc
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0, clip_low: float = 0.2,
               clip_high: float = 0.2, clip_ratio_c: Optional[float] = 3.0, kl_beta: float = 0.0,
-              kl_log_ratio_max: float = 20.0, kl_max: Optional[float] = 10.0, tp_group=None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (loss, logp, k3) in fp32; masked tokens give 0 and no gradient."""
+              kl_log_ratio_max: float = 20.0, kl_max: Optional[float] = 10.0, tp_group=None,
+              rollout_weights: Optional[torch.Tensor] = None, sequence: Optional[torch.Tensor] = None,
+              num_sequences: int = 0, cp_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (loss, logp, k3) in fp32; masked tokens give 0 and no gradient.
+    ``rollout_weights`` (no gradient) multiply the policy term: the rollout correction.
+    ``sequence`` (each row's sequence, see ``packed.sequence_means``): GSPO's sequence-level
+    ratio, ``exp(logp - sg(logp) + sg(mean over the sequence of (logp - old)))``: its value is
+    the sequence's ratio, its gradient flows through each token's own log-prob."""
     keep = mask.bool()
     logp = masked_token_logprobs(logits, labels, keep, temperature=temperature, tp_group=tp_group)
     adv = advantages.detach().float()  # gradients go to the logits only, as on the Triton path
     log_ratio = logp - old_logprobs.detach().float()
+    if sequence is not None:
+        log_ratio = logp - logp.detach() + sequence_means(log_ratio, keep, sequence, num_sequences, cp_group)
     ratio = torch.exp(log_ratio.detach())
     dual = (adv < 0) & (ratio > clip_ratio_c) if clip_ratio_c is not None else torch.zeros_like(keep)
     # where a clip wins, or A = 0, the policy term has no gradient: cut the graph before exp so
@@ -108,6 +117,8 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Te
     pg = -torch.minimum(unclipped, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
     if clip_ratio_c is not None:
         pg = torch.where(dual, -adv * clip_ratio_c, pg)
+    if rollout_weights is not None:
+        pg = pg * rollout_weights.detach().float()
     delta = torch.clamp(ref_logprobs.detach().float() - logp, -kl_log_ratio_max, kl_log_ratio_max)
     k3 = torch.exp(delta) - delta - 1
     if kl_max is not None:

@@ -202,6 +202,57 @@ def test_each_ppo_epoch_splits_anew_and_the_log_probs_follow_their_tokens(cp):
             torch.testing.assert_close(b.extras["ref_logprobs"], -truth(b), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cp", [1, 2])
+@pytest.mark.parametrize("mode", ["token-tis", "sequence-tis", "token-mask"])
+def test_rollout_correction_weights_are_the_textbook_formula(mode, cp):
+    """Each loss token's weight from the engine's and the trainer's log-probs, against the
+    formula in float64 per (sequence, response token): packed micro-batches, and context-parallel
+    shares whose sequence-level sums add over the ranks."""
+    import math
+
+    from megatron_vr1.rl import correction
+    from megatron_vr1.rl.grpo import SEQUENCE, RolloutSequence, micro_batches
+
+    cap = 1.5
+    seqs = _text_sequences(9, seed=7)
+    g = torch.Generator().manual_seed(1)
+    prompt_len = [int((~s.sample.loss_mask).sum()) for s in seqs]
+    engine = [(-3 * torch.rand(int(s.sample.loss_mask.sum()), generator=g)).tolist() for s in seqs]
+    old = [[e + 0.6 * float(torch.randn(1, generator=g)) for e in seq] for seq in engine]
+
+    def shards(values, rank):
+        with_values = [RolloutSequence(s.sample, s.advantage, v) for s, v in zip(seqs, values)]
+        multiple = 2 * cp if cp > 1 else 1
+        return [b.context_shard(cp, rank) if cp > 1 else b for b in micro_batches(
+            with_values, None, max_tokens=40, pad_to=multiple, pad_id=0, sequence_multiple=multiple)]
+
+    ranks = []
+    for rank in range(cp):
+        batches, olds = shards(engine, rank), shards(old, rank)
+        for b, o in zip(batches, olds):
+            b.extras["old_logprobs"] = o.extras["engine_logprobs"]
+        ranks.append(batches)
+    total = sum(correction.sequence_log_ratios(b, len(seqs), SEQUENCE) for b in ranks)  # the all-reduce
+    for batches in ranks:
+        correction.set_weights(batches, mode, cap, SEQUENCE, total if mode == "sequence-tis" else None)
+        for b in batches:
+            keep = b.loss_mask.reshape(-1)
+            seq = b.extras[SEQUENCE].reshape(-1)[keep] - 1
+            pos = b.position_ids[0].reshape(-1)[keep]
+            got = b.extras[correction.WEIGHTS].reshape(-1)[keep]
+            for s, p, w in zip(seq.tolist(), pos.tolist(), got.tolist()):
+                k = p + 1 - prompt_len[s]  # the loss row at position p predicts response token k
+                if mode == "token-tis":
+                    want = min(math.exp(old[s][k] - engine[s][k]), cap)
+                elif mode == "sequence-tis":
+                    want = min(math.exp(sum(old[s]) - sum(engine[s])), cap)
+                else:
+                    want = float(1 / cap <= math.exp(old[s][k] - engine[s][k]) <= cap)
+                assert w == pytest.approx(want, rel=1e-6), (mode, s, k)
+    weights = torch.cat([b.extras[correction.WEIGHTS][b.loss_mask] for bs in ranks for b in bs])
+    assert weights.min() < weights.max()  # the case reaches both sides of the cap
+
+
 def test_rl_settings_refuse_unknown_options_and_bad_bounds():
     """The trainer's own check of rl.loss / rl.reward (a config built in code, not through the
     command line's check): unknown keys and out-of-range values name themselves."""
@@ -223,6 +274,8 @@ def test_rl_settings_refuse_unknown_options_and_bad_bounds():
                           ({"reward__shufle": True}, r"unknown option\(s\) rl.reward.shufle; rl.reward has .*shuffle"),
                           ({"loss__kl_max": -1.0}, r"rl.loss.kl_max must be > 0"),
                           ({"reward__timeout": 0}, r"rl.reward.timeout > 0"),
-                          ({"reward__warn_timeout_share": 2}, r"warn_timeout_share must lie in \[0, 1\]")]:
+                          ({"reward__warn_timeout_share": 2}, r"warn_timeout_share must lie in \[0, 1\]"),
+                          ({"loss__rollout_correction": "tis"}, r"rollout_correction must be null, token-tis, "),
+                          ({"loss__rollout_correction_cap": 0.5}, r"rollout_correction_cap must be a finite number >= 1")]:
         with pytest.raises(UsageError, match=message):
             check_rl_settings(rl(**over))

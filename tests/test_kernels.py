@@ -119,6 +119,21 @@ def test_grpo_loss_matches_textbook_fp32(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rollout_weights_scale_the_policy_term_as_the_textbook_has_it(backend):
+    """Rollout correction: ``loss = w * pg + kl_beta * k3`` with per-token weights (no gradient
+    through them), zeros and a cap-sized weight included, against the float64 textbook."""
+    case = _case(v=777, spread=0.5)
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.3, 0.7, 0.01, 1.0])
+    kw = dict(KW, rollout_weights=w)
+    ours, expected = _run(backend, *case, **kw), _textbook(*case, **kw)
+    _assert_match(ours, expected, rtol=1e-5, atol=1e-5)
+    plain = _run(backend, *case, **KW)
+    assert not torch.allclose(ours[3], plain[3])  # the weights did change the gradient
+    with pytest.raises(ValueError, match=r"rollout_weights must have shape \[8\]"):
+        grpo_loss(*case, rollout_weights=w[:3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grpo_loss_matches_textbook_bf16(backend):
     case = _case(dtype=torch.bfloat16, v=2053)
     ours = _run(backend, *case, **KW)
@@ -252,12 +267,13 @@ def test_packed_loss_and_aggregations_equal_sequences_alone(backend):
     mask = labels != -100
     mask[[0, 6]] = False  # e.g. prompt tokens
     old, ref, adv = (torch.randn(sum(lengths), generator=g) * 0.1 - 6 for _ in range(3))
-    per_token, _, _ = grpo_loss(logits, labels, old, ref, adv, mask, backend=backend, **KW)
+    w = torch.rand(sum(lengths), generator=g) * 2  # rollout correction weights follow their tokens
+    per_token, _, _ = grpo_loss(logits, labels, old, ref, adv, mask, backend=backend, rollout_weights=w, **KW)
     per_seq, all_tokens = [], []
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         lab = ids[s + 1:e]
         loss, _, _ = grpo_loss(logits[s:e - 1], lab, old[s:e - 1], ref[s:e - 1], adv[s:e - 1], mask[s:e - 1],
-                               backend=backend, **KW)
+                               backend=backend, rollout_weights=w[s:e - 1], **KW)
         torch.testing.assert_close(loss, per_token[s:e - 1])
         keep = mask[s:e - 1]
         per_seq.append(loss[keep].mean())
@@ -319,6 +335,7 @@ def test_vocab_parallel_matches_textbook(tmp_path, tp):
             errs = r[backend]
             assert max(errs["loss"], errs["logp"], errs["kl"], errs["token_logprobs"]) <= 1e-5, errs
             assert errs["grad"] <= 1e-5 * max(1.0, errs["grad_scale"]), errs
+            assert errs["gspo_value"] <= 1e-5 and errs["gspo_grad"] <= 1e-6, errs  # GSPO's ratio, vocab-parallel
         assert "labels must lie in [0, 152064)" in r["out_of_range_error"]
 
 

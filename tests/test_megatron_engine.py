@@ -132,13 +132,16 @@ def test_stop_strings_end_a_response_where_the_hf_engine_ends_it(toy):
     assert stop not in tok.decode(got[2][0].token_ids[:-1], skip_special_tokens=True)
 
 
-def test_sampled_log_probs_equal_the_training_forward(toy):
-    """Sampling at T=0.7 with top-p: each token's log-prob from the engine equals the policy's
-    training forward at the same temperature (fp32, 1e-5); the same seed gives the same samples,
-    another seed others."""
+@pytest.mark.parametrize("kind", ["megatron", "hf"])
+def test_sampled_log_probs_equal_the_training_forward(toy, kind):
+    """Sampling at T=0.7 with top-p: each token's log-prob from the engine, recorded as it was
+    drawn, equals the policy's training forward at the same temperature (fp32, 1e-5); the same
+    seed gives the same samples, another seed others. Both engines: the rollout correction
+    compares exactly these."""
     from megatron_vr1.rl.rollout import SamplingParams
 
-    args, tok, model, _, engine = toy
+    args, tok, model, hf, megatron = toy
+    engine = megatron if kind == "megatron" else hf
     prompts = engine_prompts(args, tok)
     params = SamplingParams(n=2, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=5, stop=())
     got = engine.generate(prompts, params)

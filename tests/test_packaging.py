@@ -43,3 +43,25 @@ def test_the_wheel_plans_and_trains_from_a_fresh_environment(tmp_path):
                 "train.global_batch_size=4", "train.micro_batch_tokens=1024", "data.max_tokens=1024",
                 "data.num_workers=0", "metrics.tensorboard=false"], cwd=tmp_path, env=env)
     assert "sft: done, 1 step" in sft.stdout and (tmp_path / "run" / "iter_0000001" / "megatron_vr1.json").is_file()
+
+
+def test_a_bare_kernels_import_from_the_checkout_is_hugging_faces_package():
+    """``python -m`` from the checkout puts its root on sys.path, where ``kernels/`` would shadow
+    Hugging Face's ``kernels``, which transformers imports (a dependency since 5.25)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import kernels, sys; print(kernels.__file__); print(getattr(kernels, '__version__', ''))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    path, version = out.stdout.split("\n")[:2]
+    try:
+        installed = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed:
+        assert not Path(path).is_relative_to(root / "kernels"), path
+    else:
+        assert version == "0"

@@ -96,22 +96,28 @@ def test_tp2_and_pp2_give_the_single_process_losses_and_rewards(rl_references):
         assert [x["response_length_mean"] for x in got] == [x["response_length_mean"] for x in base], name
         for key in ("kl", "entropy", "clip_frac"):
             assert [x[key] for x in got] == pytest.approx([x[key] for x in base], rel=1e-4, abs=1e-7), (name, key)
+    for run in rl_references.values():  # the engine/trainer gap is measured on every step, at rounding level
+        assert all(x["rollout_logprob_diff_max"] < 1e-4 and "rollout_weight_mean" not in x for x in metrics(run))
 
 
 def test_context_parallelism_gives_the_single_process_grpo_step(tmp_path, rl_references, colour_task,
                                                               toy_tokenizer_dir):
     """CP=2: each rank holds half of every sequence (padded for the split), the hf engine's
     rollouts are shared from the replica's first rank, and the loss is the whole batch's: the
-    first step of the single-process run (one step keeps the suite short; the SFT runs four)."""
+    first step of the single-process run (one step keeps the suite short; the SFT runs four).
+    Sequence-level rollout correction sums each response over both ranks' halves: at fp32 its
+    weights are 1 and leave the step as it was."""
     root, init = colour_task
     one_step = "[{max_response_tokens: 32, group_size: 4, steps: 1}]"
     launch("megatron_vr1.rl", tmp_path / "cp2", 2, *rl_args(root, init, toy_tokenizer_dir, one_step,
-                                                            "model.parallel.context_parallel=2"))
+                                                            "model.parallel.context_parallel=2",
+                                                            "rl.loss.rollout_correction=sequence-tis"))
     (got,), want = metrics(tmp_path / "cp2"), metrics(rl_references["tp1"])[0]
     for key in ("reward_mean", "response_length_mean", "tokens"):
         assert got[key] == want[key], key
     for key in ("loss", "kl", "entropy", "clip_frac"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-7), key
+    assert got["rollout_logprob_diff_max"] < 1e-4 and got["rollout_weight_mean"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_two_nodes_through_the_launch_script_give_the_single_node_grpo_step(tmp_path, rl_references, colour_task,
@@ -160,6 +166,20 @@ def test_megatron_engine_runs_grpo_like_the_hf_engine(tmp_path, colour_task, toy
         # with every advantage 0 the policy only drifts (Adam scales rounding-level gradients up to
         # full steps), so the KL stays at rounding level in both runs
         assert max(abs(x["kl"]) for x in got + base) < 1e-4, name
+        assert max(x["rollout_logprob_diff_max"] for x in got) < 1e-4, name
+
+
+def kill_after_first_checkpoint(run_dir: Path, args: list[str]) -> None:
+    """Start the RL run and SIGKILL it once step 1's checkpoint is complete (during step 2)."""
+    proc = subprocess.Popen(_command("megatron_vr1.rl", 1, [f"checkpoint.dir={run_dir}", *args]), env=_env(),
+                            cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "iter_0000001" / "megatron_vr1.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_resume_after_sigkill_mid_stage(tmp_path, rl_references, colour_task, toy_tokenizer_dir):
@@ -168,15 +188,7 @@ def test_resume_after_sigkill_mid_stage(tmp_path, rl_references, colour_task, to
     root, init = colour_task
     run_dir = tmp_path / "run"
     args = rl_args(root, init, toy_tokenizer_dir, SHORT, "checkpoint.every=1")
-    proc = subprocess.Popen(_command("megatron_vr1.rl", 1, [f"checkpoint.dir={run_dir}", *args]), env=_env(),
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "iter_0000001" / "megatron_vr1.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(run_dir, args)
     assert not (run_dir / "iter_0000002").exists()
     launch("megatron_vr1.rl", run_dir, 1, *args)
     keys = ("stage", "reward_mean", "loss", "response_length_mean", "kl", "entropy", "grad_norm")
@@ -188,16 +200,48 @@ def test_resume_after_sigkill_mid_stage(tmp_path, rl_references, colour_task, to
             assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-9), (k, got, want)
 
 
+def test_dapo_recipe_resumes_after_sigkill_with_the_uninterrupted_data_order(tmp_path, colour_task,
+                                                                            toy_tokenizer_dir):
+    """rl=dapo (dynamic sampling, overlong shaping, clip-higher, no KL) and mask_truncated, killed
+    during step 2 once step 1's checkpoint is in, then resumed: every step's metrics, the rounds of
+    sampling and the groups kept among them, equal the uninterrupted run's; each step keeps the
+    target's number of mixed-reward groups (16 prompts per step) when its rounds find them."""
+    root, init = colour_task
+    steps = "[{max_response_tokens: 32, group_size: 4, steps: 3}]"
+    args = rl_args(root, init, toy_tokenizer_dir, steps, "checkpoint.every=1", "rl=dapo",
+                   "rl.reward.overlong_buffer=8", "rl.loss.mask_truncated=true")
+    launch("megatron_vr1.rl", tmp_path / "whole", 1, *args)
+    run_dir = tmp_path / "resumed"
+    kill_after_first_checkpoint(run_dir, args)
+    launch("megatron_vr1.rl", run_dir, 1, *args)
+    keys = ("reward_mean", "loss", "dynamic_sampling_rounds", "groups_kept", "groups_generated", "groups_dropped",
+            "overlong_penalized", "truncated_masked", "response_length_mean", "grad_norm")
+    whole, resumed = metrics(tmp_path / "whole"), metrics(run_dir)
+    for a, b in zip(whole, resumed):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=RTOL, abs=1e-9), (k, whole, resumed)
+    for m in whole:
+        assert "kl" not in m and m["groups_generated"] >= m["groups_kept"]
+        assert m["groups_kept"] == 16 or m["dynamic_sampling_rounds"] == 4, m
+        assert m["groups_dropped"] == m["groups_generated"] - m["groups_kept"], m
+    assert sum(m["dynamic_sampling_rounds"] for m in whole) > 3  # some step needed a second round
+    assert sum(m["overlong_penalized"] for m in whole) > 0
+
+
 def test_without_a_reference_there_is_no_kl(tmp_path, colour_task, toy_tokenizer_dir):
     """kl_beta=0: no reference model, so no KL in the metrics (not a 0); the scoring time-outs are
-    counted per step (none here)."""
+    counted per step (none here). With token-level rollout correction the engine/trainer gap is
+    recorded, and at fp32 on the CPU it is at rounding level (weights 1)."""
     root, init = colour_task
     run_dir = tmp_path / "run"
     one_step = "[{max_response_tokens: 32, group_size: 2, steps: 1}]"
-    launch("megatron_vr1.rl", run_dir, 1, *rl_args(root, init, toy_tokenizer_dir, one_step), "rl.loss.kl_beta=0")
+    launch("megatron_vr1.rl", run_dir, 1, *rl_args(root, init, toy_tokenizer_dir, one_step), "rl.loss.kl_beta=0",
+           "rl.loss.rollout_correction=token-tis")
     (m,) = metrics(run_dir)
     assert "kl" not in m and "entropy" in m and "time_ref_logprobs" not in m
     assert m["reward_timeouts"] == 0 and m["format_rate"] > 0
+    assert 0 <= m["rollout_logprob_diff_mean"] <= m["rollout_logprob_diff_max"] < 1e-4, m
+    assert abs(m["rollout_kl"]) < 1e-8 and m["rollout_weight_mean"] == pytest.approx(1.0, abs=1e-4), m
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -208,8 +252,9 @@ def test_without_a_reference_there_is_no_kl(tmp_path, colour_task, toy_tokenizer
     (["rl.engine=sglang"], "rl.engine must be hf, megatron or vllm"),
     (["rl.stages=[{max_response_tokens: 8, steps: 1}]"], r"rl.stages\[0\] needs group_size"),
     (["rl.engine=megatron", "model.parallel.context_parallel=2"], r"context_parallel=2 use rl.engine=hf"),
+    (["rl.loss.rollout_correction=tis"], r"rl.loss.rollout_correction must be null, token-tis, sequence-tis"),
 ], ids=["micro-batch-too-small", "unknown-loss-option", "unknown-reward-option-added", "kl-max-zero", "unknown-engine",
-        "stage-missing-key", "engine-under-context-parallelism"])
+        "stage-missing-key", "engine-under-context-parallelism", "unknown-rollout-correction"])
 def test_bad_rl_input_is_one_clear_line(tmp_path, colour_task, toy_tokenizer_dir, overrides, message):
     import re
 

@@ -60,12 +60,13 @@ def check_job(cfg: DictConfig, world_size: Optional[int]) -> ParallelLayout:
 
 def _check_rl(cfg: DictConfig, layout: ParallelLayout, dp: Optional[int]) -> None:
     from ..rl.ptst import parse_stages
-    from ..rl.settings import check_rl_settings
+    from ..rl.settings import check_rl_settings, dynamic_sampling_settings
 
     rl = cfg.rl
     if rl.engine not in ("hf", "megatron", "vllm"):
         raise UsageError(f"rl.engine must be hf, megatron or vllm, got {rl.engine!r}")
     check_rl_settings(rl)
+    dynamic_sampling_settings(rl)
     stages = parse_stages(rl.stages)
     needed = int(cfg.data.max_prompt_tokens) + max(s.max_response_tokens for s in stages)
     if int(rl.micro_batch_tokens) < needed:

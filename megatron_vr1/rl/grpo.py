@@ -17,6 +17,8 @@ from .. import platform
 from ..data.batch import Batch, packed_batch
 from ..data.packing import pack_balanced
 from ..data.template import Sample
+from .correction import ENGINE as ENGINE_LOGPROBS
+from ..kernels.packed import row_sequences, sequence_means
 from ..kernels import aggregate_loss, grpo_loss, token_entropy, token_logprobs
 
 
@@ -34,10 +36,12 @@ def response_sample(prompt: Sample, response_ids: Sequence[int]) -> Sample:
 
 @dataclass
 class RolloutSequence:
-    """One completion as a training sample, with its group-normalised advantage."""
+    """One completion as a training sample, with its group-normalised advantage and, where the
+    engine gives them, its tokens' log-probs as the engine sampled them."""
 
     sample: Sample
     advantage: float
+    engine_logprobs: Optional[Sequence[float]] = None
 
 
 def mini_batches(seqs: list[RolloutSequence], count: int, seed: int) -> list[list[int]]:
@@ -69,8 +73,22 @@ def micro_batches(seqs: list[RolloutSequence], args, *, max_tokens: int, pad_to:
                              sequence_multiple=sequence_multiple, pad_id=pad_id)
         batch.extras["advantages"] = batch.per_token(torch.tensor([seqs[i].advantage for i in b], dtype=torch.float32))
         batch.extras[SEQUENCE] = batch.per_token(torch.tensor([i + 1 for i in b], dtype=torch.long))
+        if b and all(seqs[i].engine_logprobs is not None for i in b):
+            batch.extras[ENGINE_LOGPROBS] = _on_loss_tokens(batch, [seqs[i].engine_logprobs for i in b])
         batches.append(shard(batch) if shard is not None else batch)
     return batches
+
+
+def _on_loss_tokens(batch: Batch, per_sequence: list) -> torch.Tensor:
+    """Per-response values (one per response token, in order) on the batch's loss tokens: a
+    sequence's loss rows are its response tokens, in order, sequences in batch order."""
+    values = torch.tensor([v for seq in per_sequence for v in seq], dtype=torch.float32)
+    mask = batch.loss_mask
+    if values.numel() != int(mask.sum()):
+        raise ValueError(f"{values.numel()} engine log-probs for {int(mask.sum())} loss tokens")
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    out[mask.cpu()] = values
+    return out.to(mask.device)
 
 
 class TokenValues:
@@ -132,6 +150,12 @@ class LossSettings:
     kl_max: Optional[float] = 10.0  # k3 bound (verl's); None: unbounded
     aggregation: str = "token-mean"
     entropy: bool = True
+    rollout_correction: Optional[str] = None  # null, token-tis, sequence-tis, token-mask (rl/correction.py)
+    rollout_correction_cap: float = 2.0
+    ratio: str = "token"  # token: PPO's per-token ratio; sequence: GSPO's (geometric mean over the response)
+    sequence_clip_low: Optional[float] = None  # GSPO's clip range (None: its published 3e-4 and 4e-4)
+    sequence_clip_high: Optional[float] = None
+    mask_truncated: bool = False  # leave responses cut at the budget out of the loss (DAPO)
 
 
 class GRPOObjective:
@@ -149,22 +173,34 @@ class GRPOObjective:
         old = batch.extras["old_logprobs"]
         ref = batch.extras.get("ref_logprobs", old)
         adv = batch.extras["advantages"]
+        seq = s.ratio == "sequence"
+        clip_low, clip_high = (s.sequence_clip_low, s.sequence_clip_high) if seq else (s.clip_low, s.clip_high)
+        cp = _cp_group() if seq else None
         loss, logp, kl = grpo_loss(logits, batch.labels, old, ref, adv, mask, temperature=self.temperature,
-                                   clip_low=s.clip_low, clip_high=s.clip_high, clip_ratio_c=s.clip_ratio_c,
+                                   clip_low=clip_low, clip_high=clip_high, clip_ratio_c=None if seq else s.clip_ratio_c,
                                    kl_beta=s.kl_beta, kl_log_ratio_max=s.kl_log_ratio_max, kl_max=s.kl_max,
-                                   tp_group=tp)
+                                   tp_group=tp, rollout_weights=batch.extras.get("rollout_weights"), ratio=s.ratio,
+                                   cu_seqlens=batch.cu_seqlens if seq else None, cp_group=cp)
         whole = batch.context  # a context-parallel share: sequences are normalised and counted as wholes
         part = aggregate_loss(loss, mask, mode=s.aggregation, cu_seqlens=batch.cu_seqlens,
                               max_response_length=self.max_response_tokens,
                               sequence_tokens=None if whole is None else whole.sequence_loss_tokens,
                               count_sequences=whole is None or whole.rank == 0)
         with torch.no_grad():
-            ratio = torch.exp(logp.detach() - old)
-            clipped = (((adv > 0) & (ratio > 1 + s.clip_high)) | ((adv < 0) & (ratio < 1 - s.clip_low))) & mask
+            log_ratio = logp.detach() - old
+            if seq:  # the sequence's ratio on each of its tokens
+                sequence, n = row_sequences(batch.labels, batch.cu_seqlens)
+                log_ratio = sequence_means(log_ratio.reshape(-1), mask.reshape(-1), sequence, n, cp).view_as(old)
+            ratio = torch.exp(log_ratio)
+            clipped = (((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))) & mask
             entropy = (token_entropy(logits.detach(), temperature=self.temperature, tp_group=tp) * mask).sum() \
                 if s.entropy else logits.new_zeros(())
             kl_sum = (kl * mask).sum() if "ref_logprobs" in batch.extras else logits.new_zeros(())
         return part.total, part.count, [mask.sum(), kl_sum, clipped.sum(), entropy]
+
+
+def _cp_group():
+    return ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
 
 
 def _tp_group():

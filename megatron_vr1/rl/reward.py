@@ -84,6 +84,8 @@ class RewardSettings:
     require_final_answer: bool = True  # the answer follows "Final Answer:", as Vision-R1's evaluation reads it
     shuffle: bool = False  # pay each response another's reward from the same batch: a run without signal
     warn_timeout_share: float = 0.05  # warn on a step where more responses than this share timed out
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the budget's last tokens; 0: off
+    overlong_penalty: float = 1.0  # its size at the budget
 
 
 @dataclass(frozen=True)
@@ -413,6 +415,17 @@ def _pool() -> RewardPool:
     if _default_pool is None or _default_pid != os.getpid():
         _default_pool, _default_pid = RewardPool(workers=1), os.getpid()
     return _default_pool
+
+
+def overlong_shaping(length: int, *, budget: int, buffer: int, factor: float) -> float:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to ``budget - buffer`` tokens,
+    then falling linearly to ``-factor`` at the budget (``((budget - buffer) - length) / buffer``,
+    times ``factor``); ``-factor`` past it. ``buffer`` 0: no shaping."""
+    if buffer <= 0 or length <= budget - buffer:
+        return 0.0
+    if length > budget:
+        return -factor
+    return factor * ((budget - buffer) - length) / buffer
 
 
 def timeout_warning(step: int, infos: Sequence[RewardInfo], settings: RewardSettings) -> Optional[str]:

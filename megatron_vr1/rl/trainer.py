@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,15 @@ from ..training.optimizer import OptimizerSettings, wrap_and_optimize
 from ..training.setup import (build_policy, check_data, checkpoints, image_config, load_tokenizer_for, prepare_job,
                               resume_point, save_due, start_parallel)
 from ..text import counted
-from ..training.step import run_micro_batches, train_step
+from ..training.step import StepResult, run_micro_batches, train_step
 from ..training.stopping import StopRequest
-from .grpo import (CaptureLogprobs, GRPOObjective, RolloutSequence, TokenValues, micro_batches,
+from . import correction
+from .grpo import (SEQUENCE, CaptureLogprobs, GRPOObjective, RolloutSequence, TokenValues, micro_batches,
                    mini_batches, response_sample)
 from .ptst import parse_stages, stage_at
-from .reward import RewardPool, timeout_warning
-from .settings import check_rl_settings, fields_of
+from .dynamic import DynamicSampler, mixed_groups
+from .reward import RewardPool, overlong_shaping, timeout_warning
+from .settings import check_rl_settings, dynamic_sampling_settings, fields_of, gspo_clip_note
 from .rollout import SamplingParams, make_engine
 
 REFERENCE = "reference"  # <checkpoint.dir>/reference: the initial weights when there is no init_from
@@ -58,6 +60,11 @@ class Rollouts:
     format_ok: list
     correct: list
     timed_out: list
+    logprobs: list  # per completion: the engine's per-token log-probs (None where it gives none)
+
+    def extended(self, more: "Rollouts") -> "Rollouts":
+        """These rollouts followed by ``more`` (another round of the same step)."""
+        return Rollouts(*(getattr(self, f.name) + getattr(more, f.name) for f in fields(self)))
 
 
 def _reference(cfg: DictConfig, par, model, resume) -> torch.nn.Module:
@@ -81,6 +88,8 @@ def run(cfg: DictConfig) -> None:
     rl = cfg.rl
     prepare_job(cfg)
     loss_settings, reward_settings = check_rl_settings(rl)
+    dynamic = dynamic_sampling_settings(rl)
+    note = gspo_clip_note(rl)
     par = start_parallel(cfg)
     stages = parse_stages(rl.stages)
     total_steps = stages[-1].first_step + stages[-1].steps - 1
@@ -147,6 +156,8 @@ def run(cfg: DictConfig) -> None:
         origin = f"resumed from {resume}" if resume else (f"from {cfg.init_from}" if cfg.init_from else "random init")
         print(f"grpo: {len(dataset)} prompts, stages {plan}, engine {rl.engine}, TP={par.layout.tensor_parallel} "
               f"CP={par.layout.context_parallel} PP={par.layout.pipeline_parallel} DP={par.dp_size}, {origin}", flush=True)
+    if par.is_writer and note:
+        print(note, flush=True)
     stop = StopRequest()
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     dp_group = ps.get_data_parallel_group()
@@ -157,54 +168,82 @@ def run(cfg: DictConfig) -> None:
             stage = stage_at(stages, step)
             times = {}
             t0 = time.perf_counter()
-            prompts = loader.take(per_step[stage.index] // par.dp_size)
-            params = SamplingParams(n=stage.group_size, max_new_tokens=stage.max_response_tokens,
-                                    temperature=temperature, top_p=float(rl.rollout.top_p),
-                                    seed=_seed(int(cfg.seed), step, par.dp_rank))
+            g = stage.group_size
 
-            # ---- rollout and reward: the replica's first rank (every rank with an SPMD engine)
-            payload = [None]
-            if engine is not None and (leader or spmd):
-                engine.wake()
-                extra = {"images": [[load_image(i, dataset.image_root) for i in p.image_sources]
-                                    for p in prompts]} if engine.wants_pil_images else {}
-                outs = engine.generate([p.sample for p in prompts], params, **extra) if prompts else []
-                engine.sleep()
-                times["rollout"] = time.perf_counter() - t0
-                flat = [c for group in outs for c in group]
-                answers = [p.answer for p in prompts for _ in range(stage.group_size)]
+            def rollout_round(prompts: list, round_index: int) -> Rollouts:
+                """Rollouts and rewards for ``prompts`` on the replica's first rank (every rank with an
+                SPMD engine), shared with the replica's other ranks. Each round draws its own samples."""
                 t1 = time.perf_counter()
-                infos = rewards.score([c.text for c in flat], answers) if leader else []
-                times["reward"] = time.perf_counter() - t1
-                paid = [i.reward for i in infos]
-                warning = timeout_warning(step, infos, reward_settings)
-                if warning:
-                    print(warning, file=sys.stderr, flush=True)
-                if reward_settings.shuffle:
-                    order = np.random.default_rng(_seed(int(cfg.seed), step, 20_000 + par.dp_rank)).permutation(len(paid))
-                    paid = [paid[k] for k in order]
-                payload = [([c.token_ids for c in flat], [c.text for c in flat], [c.finish_reason for c in flat],
-                            paid, [i.format_ok for i in infos], [i.correct for i in infos],
-                            [i.timed_out for i in infos], times)]
-            if dist.get_world_size(mp_group) > 1:  # the rewards are the leader's, also under an SPMD engine
-                dist.broadcast_object_list(payload, src=leader_rank, group=mp_group)
-            if par.layout.context_parallel > 1:  # then from context-parallel rank 0 to the others
-                dist.broadcast_object_list(payload, src=min(dist.get_process_group_ranks(cp_group)), group=cp_group)
-            *fields, shared_times = payload[0]
-            times.update(shared_times)
-            batch = Rollouts(*fields)
+                seed = _seed(int(cfg.seed), step, par.dp_rank) + 104_729 * round_index
+                params = SamplingParams(n=g, max_new_tokens=stage.max_response_tokens, temperature=temperature,
+                                        top_p=float(rl.rollout.top_p), seed=seed)
+                payload = [None]
+                if engine is not None and (leader or spmd):
+                    engine.wake()
+                    extra = {"images": [[load_image(i, dataset.image_root) for i in p.image_sources]
+                                        for p in prompts]} if engine.wants_pil_images else {}
+                    outs = engine.generate([p.sample for p in prompts], params, **extra) if prompts else []
+                    engine.sleep()
+                    spent = {"rollout": time.perf_counter() - t1}
+                    flat = [c for group in outs for c in group]
+                    answers = [p.answer for p in prompts for _ in range(g)]
+                    t2 = time.perf_counter()
+                    infos = rewards.score([c.text for c in flat], answers) if leader else []
+                    spent["reward"] = time.perf_counter() - t2
+                    paid = [i.reward + overlong_shaping(len(c.token_ids), budget=stage.max_response_tokens,
+                                                        buffer=reward_settings.overlong_buffer,
+                                                        factor=reward_settings.overlong_penalty)
+                            for i, c in zip(infos, flat)]
+                    warning = timeout_warning(step, infos, reward_settings)
+                    if warning:
+                        print(warning, file=sys.stderr, flush=True)
+                    if reward_settings.shuffle:
+                        order = np.random.default_rng(_seed(int(cfg.seed), step, 20_000 + par.dp_rank)
+                                                      + 104_729 * round_index).permutation(len(paid))
+                        paid = [paid[k] for k in order]
+                    payload = [([c.token_ids for c in flat], [c.text for c in flat], [c.finish_reason for c in flat],
+                                paid, [i.format_ok for i in infos], [i.correct for i in infos],
+                                [i.timed_out for i in infos], [c.logprobs for c in flat], spent)]
+                if dist.get_world_size(mp_group) > 1:  # the rewards are the leader's, also under an SPMD engine
+                    dist.broadcast_object_list(payload, src=leader_rank, group=mp_group)
+                if par.layout.context_parallel > 1:  # then from context-parallel rank 0 to the others
+                    dist.broadcast_object_list(payload, src=min(dist.get_process_group_ranks(cp_group)),
+                                               group=cp_group)
+                *values, spent = payload[0]
+                for k, v in spent.items():
+                    times[k] = times.get(k, 0.0) + v
+                return Rollouts(*values)
+
+            # ---- rollout and reward; with dynamic sampling, more rounds until enough groups carry signal
+            prompts = loader.take(per_step[stage.index] // par.dp_size)
+            batch = rollout_round(prompts, 0)
+            sampling = None
+            if dynamic.enabled:
+                sampling = DynamicSampler(dynamic, target=per_step[stage.index], group_size=g, dp_group=dp_group,
+                                          device=device)
+                while sampling.wants_more(batch.rewards):
+                    more = loader.take(sampling.next_draw(par.dp_size))
+                    prompts += more
+                    batch = batch.extended(rollout_round(more, sampling.rounds))
 
             # ---- advantages, training sequences, mini- and micro-batches
-            g = stage.group_size
             reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
             adv = group_advantages(reward_t, g, std=rl.loss.advantage_std, eps=float(rl.loss.advantage_eps),
                                    backend="torch") if len(reward_t) else reward_t
             keep = torch.ones(len(prompts), dtype=torch.bool)
-            if rl.loss.drop_equal_groups and len(reward_t):
-                groups = reward_t.view(-1, g)
-                keep = groups.amax(1) != groups.amin(1)
-            seqs = [RolloutSequence(response_sample(p.sample, batch.tokens[i * g + j]), float(adv[i * g + j]))
-                    for i, p in enumerate(prompts) if keep[i] for j in range(g)]
+            if sampling is not None:
+                keep = sampling.keep(batch.rewards)
+            elif rl.loss.drop_equal_groups and len(reward_t):
+                keep = mixed_groups(batch.rewards, g)
+            masked = [loss_settings.mask_truncated and f == "length" for f in batch.finish]
+            seqs = [RolloutSequence(response_sample(p.sample, batch.tokens[i * g + j]), float(adv[i * g + j]),
+                                    batch.logprobs[i * g + j])
+                    for i, p in enumerate(prompts) if keep[i] for j in range(g) if not masked[i * g + j]]
+            variant_sums = {"truncated_masked": sum(m for i, m in enumerate(masked) if keep[i // g]),
+                            "overlong_penalized": sum(pen < 0 for pen in (
+                                overlong_shaping(len(t), budget=stage.max_response_tokens,
+                                                 buffer=reward_settings.overlong_buffer, factor=1.0)
+                                for t in batch.tokens))}
 
             def epoch_plan(epoch: int) -> list[list]:
                 """This epoch's mini-batches (its own split of the sequences), packed into micro-batches."""
@@ -219,9 +258,15 @@ def run(cfg: DictConfig) -> None:
 
             # ---- old and reference log-probs, on the very micro-batches the update uses
             t1 = time.perf_counter()
-            run_micro_batches(ddp, flat_batches, CaptureLogprobs("old_logprobs", logp_temperature), forward_only=True)
+            if flat_batches:  # none on any replica: every group was left out (equal rewards, truncation)
+                run_micro_batches(ddp, flat_batches, CaptureLogprobs("old_logprobs", logp_temperature),
+                                  forward_only=True)
             times["old_logprobs"] = time.perf_counter() - t1
-            if ref is not None:
+            correction.attach_weights(flat_batches, loss_settings.rollout_correction,
+                                      loss_settings.rollout_correction_cap, len(seqs), SEQUENCE,
+                                      cp_group if par.layout.context_parallel > 1 else None)
+            gap = correction.mismatch(flat_batches, device, with_weights=loss_settings.rollout_correction is not None)
+            if ref is not None and flat_batches:
                 t1 = time.perf_counter()
                 run_micro_batches(ref, flat_batches, CaptureLogprobs("ref_logprobs", logp_temperature),
                                   forward_only=True)
@@ -231,17 +276,23 @@ def run(cfg: DictConfig) -> None:
             t1 = time.perf_counter()
             objective = GRPOObjective(loss_settings, temperature=logp_temperature,
                                       max_response_tokens=stage.max_response_tokens)
-            results = [train_step(ddp, optimizer, scheduler, part, objective) for part in plan]
-            if epochs > 1:  # the log-probs follow their tokens into each later epoch's split
-                kept = TokenValues(flat_batches, ("old_logprobs", "ref_logprobs"))
+            # a mini-batch without micro-batches on every replica (fewer sequences than mini-batches) is no step
+            results = [train_step(ddp, optimizer, scheduler, part, objective) for part in plan if part]
+            if epochs > 1 and flat_batches:  # the log-probs follow their tokens into each later epoch's split
+                kept = TokenValues(flat_batches, ("old_logprobs", "ref_logprobs", correction.WEIGHTS))
                 for epoch in range(1, epochs):
                     plan = [[kept.attach(b) for b in part] for part in epoch_plan(epoch)]
-                    results += [train_step(ddp, optimizer, scheduler, part, objective) for part in plan]
+                    results += [train_step(ddp, optimizer, scheduler, part, objective) for part in plan if part]
             times["update"] = time.perf_counter() - t1
             times["sync"] = sync_weights()
             elapsed = time.perf_counter() - t0
-            metrics.log(step, _step_metrics(batch, adv, keep, seqs, results, stage, times, elapsed, dp_group, device,
-                                            with_kl=ref is not None))
+            if not results:
+                results = [StepResult(loss=0.0, tokens=0, sums=dict.fromkeys(GRPOObjective.sum_names, 0.0),
+                                      grad_norm=0.0, lr=float(optimizer.param_groups[0]["lr"]), updated=False)]
+            metrics.log(step, {**_step_metrics(batch, adv, keep, seqs, results, stage, times, elapsed, dp_group, device,
+                                               with_kl=ref is not None), **gap,
+                               **_variant_metrics(variant_sums, sampling, loss_settings, reward_settings, dp_group,
+                                                  device)})
 
             stopping = stop.agreed()
             if save_due(cfg, step, total_steps, stopping):
@@ -262,6 +313,19 @@ def run(cfg: DictConfig) -> None:
     platform.shutdown_distributed()
     if stop.exit_code:  # stopped early: not done, and a shell must know it
         sys.exit(stop.exit_code)
+
+
+def _variant_metrics(sums: dict, sampling, loss, reward, dp_group, device) -> dict:
+    """The GRPO variants' own numbers, where they are on (summed over data-parallel replicas)."""
+    out = {}
+    if loss.mask_truncated or reward.overlong_buffer:
+        values = torch.tensor([float(sums[k]) for k in sums], dtype=torch.float64, device=device)
+        dist.all_reduce(values, group=dp_group)
+        wanted = {"truncated_masked": loss.mask_truncated, "overlong_penalized": bool(reward.overlong_buffer)}
+        out.update({k: int(v) for k, v in zip(sums, values.tolist()) if wanted[k]})
+    if sampling is not None:
+        out.update(sampling.metrics())
+    return out
 
 
 def _step_metrics(batch: Rollouts, adv: torch.Tensor, keep, seqs, results, stage, times, elapsed, dp_group,

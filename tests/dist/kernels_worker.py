@@ -20,7 +20,7 @@ def main() -> None:
     group = dist.new_group(list(range(tp)))
 
     import textbook
-    from megatron_vr1.kernels import grpo_loss, token_logprobs
+    from megatron_vr1.kernels import aggregate_loss, grpo_loss, token_logprobs
 
     t, vocab = 6, 152064
     g = torch.Generator().manual_seed(0)
@@ -35,11 +35,13 @@ def main() -> None:
     old[2] -= 25.0  # an extreme ratio
     adv = torch.randn(t, generator=g)
     kw = dict(temperature=0.7, clip_low=0.2, clip_high=0.28, kl_beta=0.04)
+    weights = torch.rand(t, generator=g) * 2  # rollout correction's importance weights, one token dropped
+    weights[4] = 0.0
 
     width = vocab // tp
     cols = slice(rank * width, (rank + 1) * width)
     x64 = full.double().requires_grad_()
-    e_loss, e_logp, e_kl = textbook.grpo(x64, labels, old, ref, adv, mask, **kw)
+    e_loss, e_logp, e_kl = textbook.grpo(x64, labels, old, ref, adv, mask, rollout_weights=weights, **kw)
     (e_loss.sum() + 0.3 * e_logp.sum() + 0.2 * e_kl.sum()).backward()
     expected_grad = x64.grad[:, cols]
 
@@ -50,7 +52,8 @@ def main() -> None:
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
         on = [x.to(device) for x in (labels, old, ref, adv, mask)]
         shard = full[:, cols].to(device).contiguous().requires_grad_()
-        loss, lp, kl = (x.cpu() for x in grpo_loss(shard, *on, tp_group=group, backend=backend, **kw))
+        loss, lp, kl = (x.cpu() for x in grpo_loss(shard, *on, tp_group=group, backend=backend,
+                                                         rollout_weights=weights.to(device), **kw))
         (loss.sum() + 0.3 * lp.sum() + 0.2 * kl.sum()).backward()
         shard_grad = shard.grad.cpu()
         nograd = token_logprobs(full[:, cols].to(device).contiguous(), on[0], temperature=0.7, tp_group=group,
@@ -67,6 +70,23 @@ def main() -> None:
             "grad_scale": expected_grad.abs().max().item(),
             "token_logprobs": rel(nograd[keep], e_logp[keep]),
         }
+        # GSPO's sequence-level ratio on the same shards: two packed sequences, aggregated per sequence
+        cu = torch.tensor([0, 3, 6])
+        gkw = dict(temperature=0.7, clip_low=0.05, clip_high=0.08, kl_beta=0.04)
+        g_old = old.clone()
+        g_old[2] += 25.0  # back to a moderate ratio: GSPO's sequence mean would be dominated by it
+        g_adv = adv[[0, 0, 0, 4, 4, 4]]  # one advantage per sequence
+        x64 = full.double().requires_grad_()
+        want = textbook.gspo(x64, labels, g_old, ref, g_adv, mask, [[0, 1, 2], [3, 4, 5]], **gkw)
+        want.backward()
+        shard = full[:, cols].to(device).contiguous().requires_grad_()
+        on = [x.to(device) for x in (labels, g_old, ref, g_adv, mask)]
+        loss, _, _ = grpo_loss(shard, *on, tp_group=group, backend=backend, ratio="sequence", cu_seqlens=cu.to(device),
+                               clip_ratio_c=None, **gkw)
+        total = aggregate_loss(loss, on[4], mode="seq-mean-token-mean", cu_seqlens=cu.to(device)).value()
+        total.backward()
+        result[backend]["gspo_value"] = abs(float(total) - float(want))
+        result[backend]["gspo_grad"] = (shard.grad.cpu().double() - x64.grad[:, cols]).abs().max().item()
     try:
         token_logprobs(full[:, cols].contiguous(), labels + vocab, tp_group=group)
         result["out_of_range_error"] = ""

@@ -2,7 +2,9 @@
 
 The engine holds its own Hugging Face-layout copy of the model, filled by weight sync through the
 one name mapping (``iter_hf_weights``). Prompts are left-padded into batches; sampling is
-reproducible from the seed (the caller's RNG state is left as it was).
+reproducible from the seed (the caller's RNG state is left as it was). Each sampled token's
+log-prob at the rollout temperature is recorded as it is drawn (:class:`_SampledLogprobs`), from
+the model's raw logits, the quantity the trainer's old log-probs are compared with.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import inspect
 from typing import Iterable, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ... import platform
 from ...data.batch import collate_padded
@@ -79,6 +82,14 @@ class HFEngine(RolloutEngine):
         return out
 
     def _generate(self, prompts: Sequence[Sample], params: SamplingParams) -> list[list[Completion]]:
+        recorder = _SampledLogprobs(self.model.lm_head, params.temperature if params.temperature > 0 else 1.0)
+        try:
+            return self._generate_recorded(prompts, params, recorder)
+        finally:
+            recorder.close()
+
+    def _generate_recorded(self, prompts: Sequence[Sample], params: SamplingParams,
+                           recorder: "_SampledLogprobs") -> list[list[Completion]]:
         batch = collate_padded(prompts, self.pad_id, self.args, side="left").to(platform.device())
         sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) \
             if params.temperature > 0 else dict(do_sample=False)
@@ -94,10 +105,49 @@ class HFEngine(RolloutEngine):
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, **images, **sampling,
             max_new_tokens=params.max_new_tokens, num_return_sequences=1 if greedy else params.n,
             eos_token_id=self.end_ids, suppress_tokens=self.suppressed, pad_token_id=self.pad_id,
-            stop_strings=list(params.stop) or None, tokenizer=self.tokenizer)
-        new = sequences[:, batch.input_ids.shape[1]:].tolist()
-        completions = [finish(ids, self.tokenizer, self.end_ids, params.stop) for ids in new]
+            stop_strings=list(params.stop) or None, tokenizer=self.tokenizer,
+            logits_processor=LogitsProcessorList([recorder]))
+        new = sequences[:, batch.input_ids.shape[1]:]
+        logps = recorder.finish(new).tolist()
+        completions = [finish(ids, self.tokenizer, self.end_ids, params.stop, lp) for ids, lp in zip(new.tolist(), logps)]
         if greedy:
-            return [[Completion(list(c.token_ids), c.text, c.finish_reason) for _ in range(params.n)]
+            return [[Completion(list(c.token_ids), c.text, c.finish_reason, c.logprobs) for _ in range(params.n)]
                     for c in completions]
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records ``log_softmax(raw_logits / T)`` of every sampled token, as generation runs.
+
+    A forward hook on the output layer keeps each step's raw last-position logits (before any
+    processor: suppression, temperature, top-p); the processor, called once per step with the
+    tokens drawn so far, scores the token drawn from the previous step's logits. Only one step's
+    logits are held: never ``steps x rows x vocab``."""
+
+    def __init__(self, lm_head: torch.nn.Module, temperature: float) -> None:
+        self.temperature = temperature
+        self.current: torch.Tensor | None = None  # this step's raw logits [rows, V]
+        self.previous: torch.Tensor | None = None
+        self.columns: list[torch.Tensor] = []  # per step: [rows] log-probs of the drawn tokens
+        self.handle = lm_head.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self.previous, self.current = self.current, output[:, -1, :].float()
+
+    def _score(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits / self.temperature, dim=-1).gather(1, tokens[:, None])[:, 0]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:  # input_ids' last column was drawn from the previous step's logits
+            self.columns.append(self._score(self.previous, input_ids[:, -1]))
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """``[rows, steps]`` log-probs of ``new_tokens`` (the columns generate() appended)."""
+        if new_tokens.shape[1] > len(self.columns):  # the last token: drawn from the last logits seen
+            self.columns.append(self._score(self.current, new_tokens[:, -1].to(self.current.device)))
+        out = torch.stack(self.columns, dim=1) if self.columns else torch.zeros(new_tokens.shape[0], 0)
+        return out[:, :new_tokens.shape[1]].cpu()
+
+    def close(self) -> None:
+        self.handle.remove()
