@@ -14,7 +14,8 @@ On a CUDA machine nothing here changes megatron-core. On a machine without CUDA,
   (data loading, rollout, async saves) enters its own copy of the mode.
 
 * ``torch.cuda.Event`` (megatron-core's generation loop times each step with it) is a host
-  clock, and :func:`refit_copy_service` gives megatron-core's weight refit a gloo transport
+  clock; megatron-core's paged (dynamic) inference attention gets flash-attn's paged entry
+  points in torch (:mod:`megatron_vr1.models.common.paged_attention`), and :func:`refit_copy_service` gives megatron-core's weight refit a gloo transport
   without the CUDA stream its own gloo service creates.
 
 It also chooses what differs by platform without a CPU branch anywhere else: the fusions
@@ -150,9 +151,24 @@ def use_cpu_backend() -> None:
         torch.cuda.Event = _HostEvent  # megatron-core's static generation loop times its steps
         mc_random._get_cuda_rng_state = _cpu_get_rng_state
         mc_random._set_cuda_rng_state = _cpu_set_rng_state
+        _install_paged_attention()
         _cpu_mode = _CudaToCpuMode()
         _cpu_mode.__enter__()
         threading.Thread._bootstrap_inner = _bootstrap_inner_with_cpu_mode  # type: ignore[attr-defined]
+
+
+def _install_paged_attention() -> None:
+    """megatron-core's dynamic (paged KV cache) inference on the CPU: flash-attn's paged entry
+    points in plain torch, and the KV append in torch instead of its Triton kernel."""
+    from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.transformer import attention
+
+    from .models.common.paged_attention import kvcache_paged_attention, varlen_paged_attention
+
+    attention.flash_attn_varlen_func = varlen_paged_attention
+    attention.flash_attn_with_kvcache = kvcache_paged_attention
+    attention.is_fa_min_version = lambda version, *a, **k: True  # the two above take flash-attn 2's arguments
+    dynamic_context.triton_append_key_value_cache = None
 
 
 def refit_copy_service():

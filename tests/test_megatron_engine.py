@@ -56,8 +56,10 @@ def training_logprobs(model, args, prompts, completions, temperature: float) -> 
     return [logp[cu[i]:cu[i + 1]][mask[cu[i]:cu[i + 1]]] for i in range(len(seqs))]
 
 
-@pytest.fixture(scope="module")
-def toy(model_parallel_1, toy_tokenizer_dir):
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def toy(request, model_parallel_1, toy_tokenizer_dir):
+    """The toy policy, the hf engine on its weights, and the megatron engine in one batching mode
+    (continuous: 16-token KV blocks, so that sequences cross blocks; 3 slots for more requests)."""
     from megatron_vr1.checkpoint import iter_hf_weights
     from megatron_vr1.data import load_tokenizer
     from megatron_vr1.models.qwen2_5_vl import build_model
@@ -69,7 +71,8 @@ def toy(model_parallel_1, toy_tokenizer_dir):
     tok = load_tokenizer(toy_tokenizer_dir)
     hf = make_engine("hf", args, tok)
     hf.load_weights(iter_hf_weights(model))
-    return args, tok, model, hf, make_engine("megatron", args, tok, policy=model, max_batch=3)
+    engine = make_engine("megatron", args, tok, policy=model, max_batch=3, batching=request.param, block_size=16)
+    return args, tok, model, hf, engine
 
 
 def test_greedy_tokens_equal_the_hf_engine(toy):
@@ -104,13 +107,17 @@ def test_kv_cache_fraction_cuts_the_batches_to_what_fits(toy, monkeypatch):
     one = rollout_rows(args, ParallelLayout(), 4, max_batch=10**9, kv_cache_fraction=1.0, prompt_tokens=longest,
                        response_tokens=8, device_bytes=1e12)  # sequences per 1e12 bytes
     monkeypatch.setattr(platform, "device_memory_bytes", lambda: int(1e12 / one * 2.5 / 0.5))
-    capped = make_engine("megatron", args, tok, policy=model, max_batch=3, kv_cache_fraction=0.5)
+    capped = make_engine("megatron", args, tok, policy=model, max_batch=3, kv_cache_fraction=0.5, batching="static")
     sizes = []
     run_batch = capped._batch
     monkeypatch.setattr(capped, "_batch", lambda rows, *a: sizes.append(len(rows)) or run_batch(rows, *a))
     got = capped.generate(prompts, params)
     assert sizes == [2] * (len(prompts) // 2) + [1] * (len(prompts) % 2)
     assert [c[0].token_ids for c in got] == [c[0].token_ids for c in engine.generate(prompts, params)]
+    # continuous batching: two slots, refilled as requests end
+    slots = make_engine("megatron", args, tok, policy=model, max_batch=3, kv_cache_fraction=0.5, block_size=16)
+    assert [c[0].token_ids for c in slots.generate(prompts, params)] == [c[0].token_ids for c in got]
+    assert slots.last_stats.slots == 2 and slots.last_stats.tokens == 8 * len(prompts)
 
 
 def test_stop_strings_end_a_response_where_the_hf_engine_ends_it(toy):
@@ -179,3 +186,51 @@ def test_engine_under_torchrun(tmp_path, toy_tokenizer_dir, tp, engine_tp):
         assert r["refit_after_step_mismatches"] == [], r
         assert r["logprob_shift_after_step"] > 1e-3, r  # the step changed the policy
         assert r["copy_logprob_diff_after_step"] <= 1e-5, r
+
+
+def test_paged_attention_equals_dense_causal_attention():
+    """The paged-cache attention the CPU uses for megatron-core's dynamic path (flash-attn's two
+    paged entry points): requests of different lengths scattered over shuffled 4-token blocks,
+    grouped-query heads, a padding row; prefill (varlen) and decode (kvcache) against dense causal
+    attention of each request on its own."""
+    import torch.nn.functional as F
+
+    from megatron_vr1.models.common.paged_attention import kvcache_paged_attention, varlen_paged_attention
+
+    g = torch.Generator().manual_seed(0)
+    bs, hk, hq, d, lengths = 4, 2, 4, 8, [5, 9, 1]
+    blocks_per = [(n + bs - 1) // bs for n in lengths]
+    order = torch.randperm(sum(blocks_per) + 2, generator=g)
+    k_cache = torch.randn(len(order), bs, hk, d, generator=g)
+    v_cache = torch.randn(len(order), bs, hk, d, generator=g)
+    table = torch.zeros(len(lengths) + 1, max(blocks_per), dtype=torch.int32)  # + one padding row
+    at = 0
+    for i, n in enumerate(blocks_per):
+        table[i, :n] = order[at:at + n]
+        at += n
+    for i, n in enumerate(lengths):  # past each request's length: garbage, never to be read
+        k_cache[table[i, blocks_per[i] - 1], n - (blocks_per[i] - 1) * bs:] = float("nan")
+        v_cache[table[i, blocks_per[i] - 1], n - (blocks_per[i] - 1) * bs:] = float("nan")
+    k_cache[order[at:]] = v_cache[order[at:]] = float("nan")
+
+    def dense(i: int, q: torch.Tensor) -> torch.Tensor:  # q [lq, hq, d]: the request's last lq positions
+        k = k_cache[table[i, :blocks_per[i]].long()].flatten(0, 1)[:lengths[i]].repeat_interleave(hq // hk, 1)
+        v = v_cache[table[i, :blocks_per[i]].long()].flatten(0, 1)[:lengths[i]].repeat_interleave(hq // hk, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * d ** -0.5
+        pos = torch.arange(lengths[i] - len(q), lengths[i])[:, None]
+        scores = scores.masked_fill(torch.arange(lengths[i])[None] > pos, float("-inf"))
+        return torch.einsum("hqk,khd->qhd", F.softmax(scores, -1), v)
+
+    q_lens = [3, 9, 1]  # a request with 2 cached tokens and 3 new ones, a whole prompt, a decode
+    q = torch.randn(sum(q_lens), hq, d, generator=g)
+    cu_q = torch.tensor([0, 3, 12, 13, 13])
+    cu_k = torch.tensor([0, 5, 14, 15, 15])
+    got = varlen_paged_attention(q, k_cache, v_cache, cu_q, cu_k, 9, 9, block_table=table)
+    want = torch.cat([dense(i, q[cu_q[i]:cu_q[i + 1]]) for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    q1 = torch.randn(4, 1, hq, d, generator=g)
+    got = kvcache_paged_attention(q1, k_cache, v_cache, torch.tensor(lengths + [0], dtype=torch.int32),
+                                  block_table=table)
+    for i in range(3):
+        torch.testing.assert_close(got[i], dense(i, q1[i]), rtol=1e-5, atol=1e-5)
+    assert not got[3].any()  # the padding row

@@ -242,7 +242,11 @@ def test_plan_cli_exit_status_says_fits_or_not():
     (["entry=megatron_vr1.rl", "recipe=grpo_7b", "gpus=8", "rl.rollout.prompts_per_step=10"],
      "10 prompts per step do not split over 4 data-parallel replicas"),
     (["entry=megatron_vr1.rl", "rl.loss.kl_max=0"], "rl.loss.kl_max must be > 0"),
-], ids=["rl-micro-batch", "sft-micro-batch", "prompts-over-replicas", "rl-option"])
+    (["entry=megatron_vr1.rl", "rl.engine=megatron", "+rl.engine_options.batching=paged"],
+     "rl.engine_options.batching must be one of continuous, static, got 'paged'"),
+    (["entry=megatron_vr1.rl", "recipe=grpo_7b", "gpus=8", "rl.engine_options.kv_cache_fraction=0.0001"],
+     "rl.engine_options.kv_cache_fraction=0.0001 of the GPU's 80 GiB cannot hold one request of 4096 prompt"),
+], ids=["rl-micro-batch", "sft-micro-batch", "prompts-over-replicas", "rl-option", "batching-mode", "kv-share"])
 def test_the_planner_refuses_what_the_trainers_refuse(argv, message):
     """One check (planning.validate.check_job) for the planner, dry_run and the trainers: a job a
     trainer would refuse at its start is refused by the planner too, with exit status 2."""

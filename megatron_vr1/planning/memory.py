@@ -106,7 +106,7 @@ def kv_bytes_per_token(args: Qwen25VLArgs, tensor_parallel: int, layers: int, el
 
 def rollout_rows(args: Qwen25VLArgs, layout: ParallelLayout, elem: int, *, max_batch: int,
                  kv_cache_fraction: Optional[float], prompt_tokens: int, response_tokens: int,
-                 device_bytes: Optional[float]) -> int:
+                 device_bytes: Optional[float], at_least_one: bool = True) -> int:
     """Sequences the megatron engine generates at once on ``layout``: ``max_batch``, or fewer where
     their KV cache and prefill logits would not fit ``kv_cache_fraction`` of ``device_bytes``; at
     least one. Every pipeline stage must cut the same batches, so the deepest stage, counted with
@@ -116,7 +116,8 @@ def rollout_rows(args: Qwen25VLArgs, layout: ParallelLayout, elem: int, *, max_b
     tp = layout.tensor_parallel
     per_seq = kv_bytes_per_token(args, tp, max(stage_layers(args, layout)), elem) * (prompt_tokens + response_tokens)
     per_seq += prompt_tokens * args.padded_vocab_size(tp) // tp * elem
-    return max(1, min(max_batch, int(kv_cache_fraction * device_bytes // per_seq)))
+    fit = min(max_batch, int(kv_cache_fraction * device_bytes // per_seq))
+    return max(1, fit) if at_least_one else fit
 
 
 def _rollout(args: Qwen25VLArgs, layout: ParallelLayout, stage: int, r: RolloutSettings, elem: int,

@@ -58,6 +58,33 @@ def check_job(cfg: DictConfig, world_size: Optional[int]) -> ParallelLayout:
     return layout
 
 
+def _check_megatron_engine(cfg: DictConfig, layout: ParallelLayout, stages) -> None:
+    """``rl.engine_options`` of the megatron engine: the batching mode, the KV block size, and a KV
+    share that holds at least one request of the longest stage (where the GPU's memory is known)."""
+    from omegaconf import OmegaConf
+
+    from .. import platform
+    from ..rl.rollout.base import check_batching
+    from .memory import rollout_rows
+
+    options = OmegaConf.to_container(cfg.rl.engine_options, resolve=True) or {}
+    check_batching(options.get("batching", "continuous"), options.get("block_size", 256))
+    fraction = options.get("kv_cache_fraction")
+    device_bytes = platform.device_memory_bytes()
+    if device_bytes is None and (cfg.get("plan") or {}).get("gpu_memory_gb"):
+        device_bytes = float(cfg.plan.gpu_memory_gb) * 2**30  # the planner's GPU, on a machine without one
+    if not fraction or device_bytes is None:
+        return
+    args, _ = model_from_conf(cfg.model)
+    prompt, response = int(cfg.data.max_prompt_tokens), max(s.max_response_tokens for s in stages)
+    elem = 4 if str(cfg.train.dtype) in ("fp32", "float32") else 2
+    if rollout_rows(args, layout, elem, max_batch=1, kv_cache_fraction=fraction, prompt_tokens=prompt,
+                    response_tokens=response, device_bytes=device_bytes, at_least_one=False) < 1:
+        raise UsageError(f"rl.engine_options.kv_cache_fraction={fraction} of the GPU's "
+                         f"{device_bytes / 2**30:.0f} GiB cannot hold one request of {prompt} prompt + {response} "
+                         f"response tokens: raise it, or lower data.max_prompt_tokens or the stages' budgets")
+
+
 def _check_rl(cfg: DictConfig, layout: ParallelLayout, dp: Optional[int]) -> None:
     from ..rl.ptst import parse_stages
     from ..rl.settings import check_rl_settings, dynamic_sampling_settings
@@ -68,6 +95,8 @@ def _check_rl(cfg: DictConfig, layout: ParallelLayout, dp: Optional[int]) -> Non
     check_rl_settings(rl)
     dynamic_sampling_settings(rl)
     stages = parse_stages(rl.stages)
+    if rl.engine == "megatron":
+        _check_megatron_engine(cfg, layout, stages)
     needed = int(cfg.data.max_prompt_tokens) + max(s.max_response_tokens for s in stages)
     if int(rl.micro_batch_tokens) < needed:
         raise UsageError(f"rl.micro_batch_tokens ({rl.micro_batch_tokens}) must hold a prompt and a full response: "

@@ -65,7 +65,7 @@ def main() -> None:
     full = full_weights(model)
     if hf is not None:
         hf.load_weights([list(full.items())])
-    engine = make_engine("megatron", args, tok, policy=model, max_batch=4)
+    engine = make_engine("megatron", args, tok, policy=model, max_batch=3, block_size=16)
     greedy = SamplingParams(n=1, max_new_tokens=24, temperature=0, stop=())
     got = engine.generate(prompts, greedy)
     result = {"tp": tp, "engine_tp": engine_tp}
@@ -82,7 +82,8 @@ def main() -> None:
     result["policy_logprob_diff"] = max((torch.tensor(c.logprobs) - t).abs().max().item() for c, t in zip(flat, theirs))
 
     # ---- a copy in another layout, refit from the policy
-    copy_engine = make_engine("megatron", args, tok, policy=model, max_batch=4, tensor_parallel=engine_tp)
+    copy_engine = make_engine("megatron", args, tok, policy=model, max_batch=3, tensor_parallel=engine_tp,
+                              block_size=16)
     copy_engine.sync_from(model, 1 << 20)
     result["refit_mismatches"] = mismatches(copy_engine.model, full, args)
     result["refit_tensors"] = sum(1 for _ in copy_engine.model.parameters())

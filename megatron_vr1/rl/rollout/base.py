@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from ...data.template import Sample
+from ...errors import UsageError
 
 STOP_STRINGS = ("</answer>",)
 
@@ -100,3 +101,14 @@ def make_engine(kind: str, args, tokenizer, **options) -> RolloutEngine:
     from ...errors import UsageError
 
     raise UsageError(f"rl.engine must be hf, megatron or vllm, got {kind!r}")
+
+
+BATCHING = ("continuous", "static")
+
+
+def check_batching(batching: str, block_size: int) -> None:
+    """``rl.engine_options.batching`` and ``block_size``: a one-line error for a bad value."""
+    if batching not in BATCHING:
+        raise UsageError(f"rl.engine_options.batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    if int(block_size) < 1:
+        raise UsageError(f"rl.engine_options.block_size must be at least 1, got {block_size}")

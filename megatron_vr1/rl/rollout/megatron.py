@@ -1,9 +1,15 @@
 """Rollout on megatron-core's own generation loop, with the policy's weights (``rl.engine=megatron``).
 
-Generation runs megatron-core's static-batch loop (``TextGenerationController``, the loop under
-``StaticInferenceEngine(legacy=True)``: prefill, then one token per step over a KV cache) through
-the model's own wrapper (:class:`Qwen25VLInferenceWrapper`: M-RoPE and image features). Batches
-are formed here, ``max_batch`` sequences at a time. On top of megatron-core's loop:
+Generation runs through the model's own wrapper (:class:`Qwen25VLInferenceWrapper`: M-RoPE and
+image features) in one of two modes (``batching``):
+
+* ``continuous`` (the default): megatron-core's paged KV cache with slots refilled as sequences
+  end (:mod:`.continuous`);
+* ``static``: megatron-core's static-batch loop (``TextGenerationController``, the loop under
+  ``StaticInferenceEngine(legacy=True)``: prefill, then one token per step over a KV cache),
+  ``max_batch`` sequences at a time.
+
+Both, on top of megatron-core:
 
 * stopping at any end token (``<|im_end|>``, ``<|endoftext|>``) or stop string, the finishing token
   kept, as the ``hf`` engine does (megatron-core's loop knows one end id and drops it);
@@ -43,8 +49,8 @@ from ...data.template import Sample
 from ...errors import UsageError
 from ...models.qwen2_5_vl import Qwen25VLModel
 from ...models.qwen2_5_vl.inference import Qwen25VLInferenceWrapper
-from .base import END_TOKENS, VISION_TOKENS, Completion, RolloutEngine, SamplingParams, finish
-
+from .base import END_TOKENS, VISION_TOKENS, Completion, RolloutEngine, SamplingParams, check_batching, finish
+from .continuous import DEFAULT_BLOCK_SIZE, BatchStats, generate_continuous
 
 @dataclass(kw_only=True)
 class _Request(InferenceRequest):
@@ -80,19 +86,23 @@ class _Controller(TextGenerationController):
         samples = [r.sample for r in active_requests.values()]
         self.step_logprobs: list[torch.Tensor] = []  # one [B] row per loop step
         self.first_column = min(len(x) for x in samples)  # the column the first step samples
-        self._tails = [""] * len(samples)
+        self.reset_stop_tails()
         return self.inference_wrapped_model.prep_inference_input(prompts_tokens, samples)
 
     def sample_from_logits(self, last_token_logits: torch.Tensor, sampling_params=None, vocab_size=None,
                            generation_started=None, top_n_logprobs_dict=None, logits=None, **kwargs) -> torch.Tensor:
-        z = last_token_logits.float()
-        allowed = z.index_fill(1, self.blocked, float("-inf")) if self.blocked.numel() else z
-        p = sampling_params
-        token = self._torch_sampling_func(allowed, p.temperature, p.top_k, p.top_p, vocab_size)
-        # the training forward's log-prob (every logit column, unmasked) of the token drawn
-        logp = torch.log_softmax(z / self.logp_temperature, dim=-1).gather(1, token[:, None])[:, 0]
+        token, logp = self.pick(last_token_logits, sampling_params, vocab_size)
         self.step_logprobs.append(logp)
         return token
+
+    def pick(self, logits: torch.Tensor, params, vocab_size=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row of ``logits [B, V]`` (vision tokens and padded rows excluded) and the
+        training forward's log-prob of it (every logit column, unmasked, at ``logp_temperature``)."""
+        z = logits.float()
+        allowed = z.index_fill(1, self.blocked, float("-inf")) if self.blocked.numel() else z
+        token = self._torch_sampling_func(allowed, params.temperature, params.top_k, params.top_p, vocab_size)
+        logp = torch.log_softmax(z / self.logp_temperature, dim=-1).gather(1, token[:, None])[:, 0]
+        return token, logp
 
     def update_generation_status(self, updated_prompts_tokens, generation_started, current_context_end_position,
                                  is_generation_done_tensor, generated_sequence_lengths, termination_id=None):
@@ -100,23 +110,28 @@ class _Controller(TextGenerationController):
         live = generation_started & ~is_generation_done_tensor
         ended = torch.isin(latest, self.end_ids) & live
         if self.stop:
-            ended |= self._stop_hits(latest, live)
+            ended |= self.stop_hits(latest, range(len(latest)), live)
         generated_sequence_lengths += live  # the token that ends a response is part of it
         return is_generation_done_tensor | ended, generated_sequence_lengths.int()
 
-    def _stop_hits(self, latest: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        """Rows whose text now holds a stop string: each row keeps the tail of its decoded text
-        (tokens decoded one by one, cached; enough for ASCII stop strings; ``finish`` cuts exactly)."""
+    def reset_stop_tails(self) -> None:
+        self._tails: dict[int, str] = {}
+
+    def stop_hits(self, latest: torch.Tensor, keys, live: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows whose text now holds a stop string. ``keys``: each row's request (its text so far
+        is kept by key). Each request keeps the tail of its decoded text (tokens decoded one by
+        one, cached; enough for ASCII stop strings; ``finish`` cuts exactly)."""
         keep = max(len(s) for s in self.stop) + 16
-        hits = torch.zeros_like(live)
-        for i, (token, on) in enumerate(zip(latest.tolist(), live.tolist())):
-            if not on:
+        on = live.tolist() if live is not None else [True] * len(latest)
+        hits = torch.zeros(len(latest), dtype=torch.bool, device=latest.device)
+        for i, (token, key, active) in enumerate(zip(latest.tolist(), keys, on)):
+            if not active:
                 continue
             piece = self._pieces.get(token)
             if piece is None:
                 piece = self._pieces[token] = self.text_tokenizer.decode([token], skip_special_tokens=True)
-            self._tails[i] = (self._tails[i] + piece)[-keep:]
-            hits[i] = any(s in self._tails[i] for s in self.stop)
+            tail = self._tails[key] = (self._tails.get(key, "") + piece)[-keep:]
+            hits[i] = any(s in tail for s in self.stop)
         return hits
 
 
@@ -125,8 +140,12 @@ class MegatronEngine(RolloutEngine):
 
     def __init__(self, args, tokenizer, *, policy: Qwen25VLModel, dtype: torch.dtype = torch.float32,
                  max_batch: int = 64, tensor_parallel: Optional[int] = None,
-                 kv_cache_fraction: Optional[float] = None) -> None:
+                 kv_cache_fraction: Optional[float] = None, batching: str = "continuous",
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        check_batching(batching, block_size)
         self.args, self.tokenizer, self.max_batch = args, tokenizer, max_batch
+        self.batching, self.block_size = batching, int(block_size)
+        self.last_stats = BatchStats()
         self.kv_cache_fraction = kv_cache_fraction
         self.policy = policy
         self.end_ids = [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
@@ -182,9 +201,13 @@ class MegatronEngine(RolloutEngine):
         rows = [p for p in prompts for _ in range(copies)]
         flat: list[Completion] = []
         step = self.rows_per_batch(max(len(r) for r in rows), params.max_new_tokens)
+        self.last_stats = BatchStats(slots=step)
         with _generation_mode(self.model):
-            for start in range(0, len(rows), step):
-                flat += self._batch(rows[start:start + step], sampling, params)
+            if self.batching == "continuous":
+                flat = generate_continuous(self, rows, sampling, params, step, self.block_size, self.last_stats)
+            else:
+                for start in range(0, len(rows), step):
+                    flat += self._batch(rows[start:start + step], sampling, params)
         if greedy:
             return [[Completion(list(c.token_ids), c.text, c.finish_reason, c.logprobs) for _ in range(params.n)]
                     for c in flat]
@@ -208,8 +231,11 @@ class MegatronEngine(RolloutEngine):
         done = ctl.generate_all_output_tokens_static_batch(requests)
         steps = torch.stack(ctl.step_logprobs).cpu() if ctl.step_logprobs else torch.zeros(0, len(samples))
         out = []
+        self.last_stats.steps += len(ctl.step_logprobs)
+        self.last_stats.slot_steps += len(ctl.step_logprobs) * len(samples)
         for i, request in done.items():
             ids = request.generated_tokens.tolist()
+            self.last_stats.tokens += len(ids)
             first = len(samples[i]) - ctl.first_column  # the step that sampled this row's first token
             logps = steps[first:first + len(ids), i].tolist()
             out.append(finish(ids, self.tokenizer, self.end_ids, params.stop, logps))
