@@ -37,6 +37,20 @@ from ...data.template import Sample
 from .positions import ImageTokenError
 
 
+def request_positions(sample: Sample, new_tokens: int, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's M-RoPE ids followed by text positions for ``new_tokens`` generated tokens (all
+    three sections equal, continuing from the prompt's largest id: transformers' ``rope_deltas``),
+    and the feature row of each image token in the prompt's own features (-1 elsewhere)."""
+    n = len(sample)
+    positions = torch.empty(3, n + new_tokens, dtype=torch.long)
+    positions[:, :n] = sample.position_ids
+    positions[:, n:] = torch.arange(new_tokens) + int(sample.position_ids.max()) + 1
+    index = torch.full((n,), -1, dtype=torch.long)
+    cols = (sample.input_ids == image_id).nonzero()[:, 0]
+    index[cols] = torch.arange(len(cols))
+    return positions, index
+
+
 class Qwen25VLInferenceWrapper(AbstractModelInferenceWrapper):
     """``model``: one pipeline stage (:class:`Qwen25VLModel`), used as it is (its weights are the
     policy's or a refit copy's)."""
@@ -57,10 +71,9 @@ class Qwen25VLInferenceWrapper(AbstractModelInferenceWrapper):
         rows = 0
         for i, sample in enumerate(samples):
             n = len(sample)
-            positions[:, i, :n] = sample.position_ids
-            positions[:, i, n:] = torch.arange(s - n) + int(sample.position_ids.max()) + 1
-            cols = (sample.input_ids == image_id).nonzero()[:, 0]
-            feature_index[i, cols] = torch.arange(rows, rows + len(cols))
+            positions[:, i], index = request_positions(sample, s - n, image_id)
+            cols = (index >= 0).nonzero()[:, 0]
+            feature_index[i, cols] = index[cols] + rows
             image_columns.update(cols.tolist())
             rows += len(cols)
         features = self._image_features(samples, rows, device)

@@ -30,7 +30,8 @@ from megatron.core.inference.inference_request import DynamicInferenceRequest
 from megatron.core.inference.sampling_params import SamplingParams as MegatronSampling
 
 from ...data.template import Sample
-from ...models.qwen2_5_vl.inference import Qwen25VLDynamicContext
+from ...models.qwen2_5_vl.inference import Qwen25VLDynamicContext, request_positions
+from ...planning.memory import kv_bytes_per_token
 from .base import Completion, SamplingParams, finish
 
 DEFAULT_BLOCK_SIZE = 256  # tokens per KV block: flash-attn's paged kernels want a multiple of 256
@@ -65,25 +66,6 @@ class BatchStats:
         return self.tokens / max(self.slot_steps, 1)
 
 
-def request_positions(sample: Sample, new_tokens: int, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt's M-RoPE ids followed by text positions for ``new_tokens`` generated tokens (all
-    three sections equal, continuing from the prompt's largest id: transformers' ``rope_deltas``),
-    and the feature row of each image token (-1 elsewhere)."""
-    n = len(sample)
-    positions = torch.empty(3, n + new_tokens, dtype=torch.long)
-    positions[:, :n] = sample.position_ids
-    positions[:, n:] = torch.arange(new_tokens) + int(sample.position_ids.max()) + 1
-    index = torch.full((n,), -1, dtype=torch.long)
-    cols = (sample.input_ids == image_id).nonzero()[:, 0]
-    index[cols] = torch.arange(len(cols))
-    return positions, index
-
-
-def kv_block_bytes(args, tensor_parallel: int, layers: int, dtype: torch.dtype, block_size: int) -> int:
-    """Bytes of one KV block on one rank: keys and values of ``layers`` layers."""
-    return 2 * layers * block_size * (args.num_kv_heads // tensor_parallel) * args.head_dim * dtype.itemsize
-
-
 def generate_continuous(engine, rows: list[Sample], sampling: MegatronSampling, params: SamplingParams,
                         slots: int, block_size: int, stats: Optional[BatchStats] = None) -> list[Completion]:
     """Generate one completion per row, ``slots`` requests at a time, refilling slots as requests
@@ -96,7 +78,7 @@ def generate_continuous(engine, rows: list[Sample], sampling: MegatronSampling, 
     slots = max(1, min(slots, len(rows)))
     layers = len(model.language_model.decoder.layers)
     tp = model.pg_collection.tp.size()
-    block_bytes = kv_block_bytes(args, tp, layers, model.config.params_dtype, block_size)
+    block_bytes = kv_bytes_per_token(args, tp, layers, model.config.params_dtype.itemsize) * block_size
     # the cache holds ``slots`` requests of the longest budget, plus megatron-core's dummy block
     blocks = slots * math.ceil((longest + new) / block_size) + 1
     groups = copy.copy(model.pg_collection)  # the context asks for an expert group; this model has none
