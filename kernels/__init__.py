@@ -4,11 +4,11 @@
 """
 
 if __name__ == "megatron_vr1.kernels":
-    from .functional import group_advantages, grpo_loss, token_entropy, token_logprobs
+    from .functional import group_advantages, grpo_loss, rms_norm, rotary, token_entropy, token_logprobs
     from .packed import IGNORE_INDEX, LossSum, aggregate_loss, shift_labels
 
-    __all__ = ["IGNORE_INDEX", "LossSum", "aggregate_loss", "group_advantages", "grpo_loss", "shift_labels",
-               "token_entropy", "token_logprobs"]
+    __all__ = ["IGNORE_INDEX", "LossSum", "aggregate_loss", "group_advantages", "grpo_loss", "rms_norm", "rotary",
+               "shift_labels", "token_entropy", "token_logprobs"]
 else:
     # Imported as a bare top-level ``kernels`` because the checkout's root is on sys.path (``python
     # -m`` from there). That name belongs to Hugging Face's package, which transformers imports:

@@ -35,9 +35,14 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from . import group_advantage as _adv
 from . import fused_grpo_loss as _loss
+from . import rmsnorm as _norm
+from . import rope as _rope
 
-KERNELS = {"row_stats": _loss._row_stats_kernel, "grad_logits": _loss._grad_logits_kernel,
-           "group_advantage": _adv._group_advantage_kernel}
+KERNELS = {"row_stats": _loss._row_stats_kernel, "token_terms": _loss._token_terms_kernel,
+           "grad_logits": _loss._grad_logits_kernel, "group_advantage": _adv._group_advantage_kernel,
+           "rms_norm": _norm._rms_norm_forward_kernel, "rms_norm_backward": _norm._rms_norm_backward_kernel,
+           "rotary": _rope._rope_kernel}
+NORM_HIDDEN = 3584  # Qwen2.5-VL-7B's width: not a power of two, so the row block is ragged
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _RESOURCES = re.compile(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)")
 _GLOBAL_OP = re.compile(r"\b((LDG|STG)(?:\.[A-Z0-9_]+)*)")
@@ -99,18 +104,38 @@ def recorded_launches() -> Iterator[list[Launch]]:
             del kernel.run
 
 
-def example_launches(dtype: torch.dtype, vocab: int, tokens: int = 4) -> list[Launch]:
-    """The launches one GRPO step makes (advantages, forward statistics, gradient), recorded."""
+def example_launches(dtype: torch.dtype, vocab: int, tokens: int = 64) -> list[Launch]:
+    """The launches one GRPO step makes, recorded: advantages; the token ratio's forward (row
+    statistics with the per-token algebra in their epilogue); GSPO's (log-probs, then the
+    element-wise algebra on the sequence ratio); under TP, the element-wise kernel combining two
+    shards' statistics; the gradient, with all three outputs used; and the fused RMSNorm's and
+    rotary's forward and backward (the latter one launch, named once)."""
     logits = torch.zeros(tokens, vocab, dtype=dtype)
     labels = torch.zeros(tokens, dtype=torch.int64)
     mask = torch.ones(tokens, dtype=torch.int8)
+    per_token = torch.zeros(tokens)
     rewards = torch.zeros(16)
     offsets = torch.tensor([0, 8, 16])
+    clips = dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0, kl_beta=0.01, kl_log_ratio_max=20.0, kl_max=10.0)
     with recorded_launches() as launches:
         _adv.group_advantages_triton(rewards, offsets, std="unbiased", eps=1e-6, max_group=8)
-        lse, _ = _loss.row_stats(logits, labels, mask, 1.0)
-        _loss.grad_logits(logits, labels, torch.zeros_like(lse), torch.ones_like(lse), 1.0)
-    return launches
+        _loss.policy_forward(logits, labels, mask, per_token, per_token, per_token, 1.0, clips,
+                             rollout_weights=per_token)
+        _loss.policy_forward(logits, labels, mask, per_token, per_token, per_token, 1.0,
+                             dict(clips, clip_ratio_c=None), sequence=torch.zeros(tokens, dtype=torch.int64),
+                             num_sequences=1)
+        out = dict(zip(("lse", "logp", "loss", "k3", "dloss", "dk3"), torch.zeros(6, tokens)))
+        _loss._launch_tokens(mask, 2, from_stats=True, terms=True, flags=_loss._terms_flags(clips, None),
+                             stats=torch.zeros(2, 3, tokens), old=per_token, ref=per_token, adv=per_token, **out)
+        _loss.grad_logits(logits, labels, mask, per_token, (per_token,) * 3, (per_token, per_token), 1.0)
+        x = torch.zeros(tokens, NORM_HIDDEN, dtype=dtype, requires_grad=True)
+        _norm.RMSNormFunction.apply(x, torch.ones(NORM_HIDDEN, dtype=dtype), 1e-6).sum().backward()
+        q = torch.zeros(tokens, 1, 16, 128, dtype=dtype, requires_grad=True)  # the LM's heads: 128 channels
+        _rope.RotaryFunction.apply(q, torch.zeros(tokens, 1, 1, 128)).sum().backward()
+    # launches of one kernel that differ in what they compute: name them apart
+    renamed = {("row_stats", _loss.TERMS): "row_stats+terms", ("rotary", True): "rotary_backward"}
+    return [dataclasses.replace(l, name=renamed.get((l.name, l.kwargs.get("OUT", l.kwargs.get("BACKWARD"))), l.name))
+            for l in launches]
 
 
 def compile_launch(launch: Launch, arch: int) -> tuple[Any, dict]:
@@ -122,7 +147,8 @@ def compile_launch(launch: Launch, arch: int) -> tuple[Any, dict]:
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    block = constexprs.get((fn.arg_names.index("BLOCK"),), 0)
+    block_arg = next(a for a in ("BLOCK", "BLOCK_HALF") if a in fn.arg_names)  # the row block's width
+    block = constexprs.get((fn.arg_names.index(block_arg),), 0)
     return compiled, dict(block=block, num_warps=options.num_warps)
 
 
@@ -165,8 +191,8 @@ def reports(archs: list[int], dtypes: list[str], vocab: int,
             _loss.BLOCK_V, _loss.NUM_WARPS = block, warps
             for dtype in dtypes:
                 for launch in example_launches(DTYPES[dtype], vocab):
-                    if launch.name == "group_advantage" and (dtype != dtypes[0] or (block, warps) != configs[0]):
-                        continue  # independent of the logits' dtype and the loss's block size
+                    if launch.name in ("group_advantage", "token_terms") and (dtype != dtypes[0] or (block, warps) != configs[0]):
+                        continue  # independent of the logits' dtype and the loss's vocab block size
                     out.extend(report(launch, arch, dtype) for arch in archs)
     finally:
         _loss.BLOCK_V, _loss.NUM_WARPS = saved

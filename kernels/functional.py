@@ -134,10 +134,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if mask is None:
         mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     if _use_triton(backend, logits):
-        from .fused_grpo_loss import row_stats
+        from .fused_grpo_loss import log_probs
 
-        lse, target = row_stats(logits, labels.contiguous(), _kernel_mask(mask), temperature, tp_group)
-        out = torch.where(mask.bool(), target - lse, 0.0)
+        out = log_probs(logits, labels.contiguous(), _kernel_mask(mask), temperature, tp_group)[1]
     else:
         out = reference.masked_token_logprobs(logits, labels, mask, temperature=temperature, tp_group=tp_group)
     return out.reshape(shape)
@@ -212,3 +211,36 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, tp_group=No
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     return reference.token_entropy(logits, temperature=temperature, tp_group=tp_group)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: Backend = "auto") -> torch.Tensor:
+    """``weight * cast(x * rsqrt(mean(x^2) + eps))`` over the last dimension, Qwen's numerics
+    (statistics in fp32, cast back to ``x``'s dtype before the weight); differentiable in ``x``
+    and ``weight``. The Triton path is one launch forward and one backward."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must have shape [{x.shape[-1]}] (the last dimension of x), got {list(weight.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if _use_triton(backend, x, weight):
+        from .rmsnorm import RMSNormFunction
+
+        return RMSNormFunction.apply(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rotary(t: torch.Tensor, freqs: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+    """Rotary position embedding, megatron-core's (non-interleaved) convention: ``t * cos(f) +
+    rotate_half(t) * sin(f)`` over the first ``rot_dim = freqs.shape[-1]`` channels, the rest
+    passed, cos and sin cast to ``t``'s dtype. ``t``: ``[S, B, H, D]`` (or packed ``[T, H, D]``);
+    ``freqs``: fp32 angles ``[S, 1, 1, rot_dim]`` or ``[S, B, 1, rot_dim]``. Differentiable in
+    ``t``; the Triton path is one launch each way."""
+    from .rope import positions_of
+
+    if positions_of(t, freqs) is None:
+        raise ValueError(f"freqs must be [S, 1, 1, r] or [S, B, 1, r] with an even r <= D for t of shape "
+                         f"{list(t.shape)}, got {list(freqs.shape)}")
+    if _use_triton(backend, t, freqs):
+        from .rope import RotaryFunction
+
+        return RotaryFunction.apply(t, freqs)
+    return reference.rotary(t, freqs)

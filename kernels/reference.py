@@ -148,3 +148,21 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, tp_group=No
             s, t = st[0], st[1]
         out[start:start + chunk_rows] = m + torch.log(s) - t / s
     return out.reshape(logits.shape[:-1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen's RMSNorm: the statistics in fp32, the normalised input cast back to ``x``'s dtype
+    before the weight (what ``models.common.norm.RMSNorm`` runs unfused)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotary(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``t * cos(f) + rotate_half(t) * sin(f)`` over the first ``freqs.shape[-1]`` channels (the
+    halves rotated, not interleaved pairs), the rest passed; cos and sin cast to ``t``'s dtype."""
+    rot = freqs.shape[-1]
+    x, rest = t[..., :rot], t[..., rot:]
+    cos, sin = freqs.cos().to(t.dtype), freqs.sin().to(t.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)

@@ -309,6 +309,12 @@ def device_memory_bytes() -> int | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if has_cuda() else None
 
 
+def memory_peak_gb() -> float | None:
+    """The most memory this process's tensors have held on the device since it started (GiB,
+    what the planner estimates), or None on the CPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if has_cuda() else None
+
+
 def synchronize() -> None:
     """Wait for the device (for timings); nothing to wait for on the CPU."""
     if has_cuda():

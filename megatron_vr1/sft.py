@@ -108,6 +108,8 @@ def run(cfg: DictConfig) -> None:
                       "time_optimizer": result.times["optimizer"]}
             if peak:
                 values["mfu"] = float(counts[1]) / elapsed / (peak * torch.distributed.get_world_size())
+            if platform.memory_peak_gb() is not None:  # this rank's, since the start: the planner's peak
+                values["memory_peak_gb"] = platform.memory_peak_gb()
             metrics.log(step, values)
             stopping = stop.agreed()
             if save_due(cfg, step, total_steps, stopping):

@@ -22,8 +22,9 @@ def _on_device(fn):
     return call
 
 
-group_advantages, token_logprobs, grpo_loss = map(_on_device, (kernels.group_advantages, kernels.token_logprobs,
-                                                               kernels.grpo_loss))
+group_advantages, token_logprobs, grpo_loss, rms_norm, rotary = map(
+    _on_device, (kernels.group_advantages, kernels.token_logprobs, kernels.grpo_loss, kernels.rms_norm,
+                 kernels.rotary))
 
 BACKENDS = ["triton", "torch"]
 V_RAGGED = 152064  # Qwen's vocab: 37.125 blocks of 4096, so the last block is ragged
@@ -374,8 +375,9 @@ def test_kernels_compile_for_a100_and_hopper_without_spills():
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert {(r["kernel"], r["arch"]) for r in found} >= {(k, a) for k in ("row_stats", "grad_logits", "group_advantage")
-                                                          for a in (80, 90)}
+    kernels_run = ("row_stats", "row_stats+terms", "token_terms", "grad_logits", "group_advantage", "rms_norm",
+                   "rms_norm_backward", "rotary", "rotary_backward")
+    assert {(r["kernel"], r["arch"]) for r in found} >= {(k, a) for k in kernels_run for a in (80, 90)}
     for r in found:
         where = f"{r['kernel']} sm_{r['arch']} {r['dtype']}"
         assert r["local_bytes"] == 0, f"{where} spills registers to local memory"
@@ -394,6 +396,8 @@ def test_public_names_survive_the_triton_path():
     grpo_loss(logits, labels, old, ref, adv, mask, backend="triton")
     token_logprobs(logits, labels, backend="triton")
     group_advantages(torch.ones(4), 2, backend="triton")
+    rms_norm(torch.ones(2, 8), torch.ones(8), backend="triton")
+    rotary(torch.ones(2, 1, 1, 8), torch.ones(2, 1, 1, 8), backend="triton")
     for name in kernels.__all__:
         assert not isinstance(getattr(kernels, name), type(kernels)), name  # a module shadowing a public name
 
@@ -619,3 +623,104 @@ def test_token_entropy_matches_the_definition():
     got = kernels.token_entropy(logits, temperature=0.7)
     p = torch.softmax(logits.double() / 0.7, -1)
     torch.testing.assert_close(got.double(), -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("rows,hidden", [(37, 48), (5, 100), (16, 64)])
+def test_rms_norm_matches_textbook_forward_and_backward(rows, hidden):
+    """The Triton RMSNorm (interpreter) against the formula in float64: output, d x and d w, with
+    a hidden size that is not a power of two and a row count off the backward's row blocks."""
+    gen = torch.Generator().manual_seed(rows * hidden)
+    x = (torch.randn(2, rows, hidden, generator=gen) * 3).requires_grad_()
+    w = (torch.rand(hidden, generator=gen) + 0.5).requires_grad_()
+    g = torch.randn(2, rows, hidden, generator=gen)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    want.backward(g.double())
+    got = rms_norm(x, w, 1e-6, backend="triton")
+    got.backward(g)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_rms_norm_bf16_takes_qwens_casts():
+    """In bf16 the kernel casts the normalised input to bf16 before the weight, as the unfused
+    module does: its output equals that module's to bf16 rounding, and so do the gradients."""
+    from megatron_vr1.kernels import reference
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 80, generator=gen).bfloat16().requires_grad_()
+    w = (torch.rand(80, generator=gen) + 0.5).bfloat16().requires_grad_()
+    g = torch.randn(24, 80, generator=gen).bfloat16()
+    got = rms_norm(x, w, 1e-6, backend="triton")
+    got.backward(g)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    want = reference.rms_norm(x, w, 1e-6)
+    want.backward(g)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+    assert (gx.float() - x.grad.float()).abs().max() <= 2 ** -6 * x.grad.float().abs().max()
+    assert (gw.float() - w.grad.float()).abs().max() <= 2 ** -6 * w.grad.float().abs().max()
+
+
+def test_rms_norm_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
+        rms_norm(torch.ones(2, 8), torch.ones(4))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        rms_norm(torch.ones(2, 8), torch.ones(8), 0.0)
+
+
+# ---------------------------------------------------------------------------- rotary
+@pytest.mark.parametrize("shape,freq_shape", [
+    ((7, 1, 4, 16), (7, 1, 1, 16)),    # the LM: every channel rotated, one angle row per position
+    ((5, 3, 2, 80), (5, 3, 1, 40)),    # per-sequence angles (a padded batch), half the channels (ViT-like, ragged)
+    ((9, 6, 24), (9, 1, 1, 24)),       # packed [T, H, D]
+])
+def test_rotary_matches_textbook_and_megatron_forward_and_backward(shape, freq_shape):
+    """The Triton rotary (interpreter) against the formula in float64 (output and d t) and
+    against megatron-core's unfused path, which it stands in for."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(*shape, generator=gen).requires_grad_()
+    freqs = torch.rand(*freq_shape, generator=gen) * 20
+    g = torch.randn(*shape, generator=gen)
+    t64 = t.detach().double().requires_grad_()
+    f64 = freqs.double()
+    rot = freq_shape[-1]
+    x, rest = t64[..., :rot], t64[..., rot:]
+    x1, x2 = x[..., :rot // 2], x[..., rot // 2:]
+    c, s_ = f64.cos(), f64.sin()
+    if len(shape) == 3:
+        c, s_ = c[:, 0], s_[:, 0]
+    want = torch.cat((x * c + torch.cat((-x2, x1), -1) * s_, rest), -1)
+    want.backward(g.double())
+    got = rotary(t, freqs, backend="triton")
+    got.backward(g)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5)
+    if len(shape) == 4:
+        torch.testing.assert_close(got, _apply_rotary_pos_emb_bshd(t.detach(), freqs), rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_bf16_rounds_like_megatron():
+    """In bf16, cos and sin are cast to bf16 before they multiply, as in megatron-core's path:
+    the two agree to bf16 rounding."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(6, 2, 4, 32, generator=gen).bfloat16()
+    freqs = torch.rand(6, 1, 1, 32, generator=gen) * 50
+    got, want = rotary(t, freqs, backend="triton"), _apply_rotary_pos_emb_bshd(t, freqs)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() <= 2 ** -6 * want.float().abs().max()
+
+
+def test_rotary_bad_layout_is_named():
+    with pytest.raises(ValueError, match=r"freqs must be \[S, 1, 1, r\]"):
+        kernels.rotary(torch.ones(4, 2, 2, 8), torch.ones(4, 2, 2, 8))
+    with pytest.raises(ValueError, match="even r <= D"):
+        kernels.rotary(torch.ones(4, 1, 2, 8), torch.ones(4, 1, 1, 10))
+

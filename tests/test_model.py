@@ -151,3 +151,42 @@ def test_labels_give_per_token_cross_entropy(untied):
     ref = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")
     assert loss.shape == labels.shape
     assert (loss[0] - ref).abs().max().item() <= 1e-5
+
+
+def test_fused_spec_gives_the_local_specs_logits_and_gradients(untied, model_parallel_1, monkeypatch):
+    """backend=fused (Triton RMSNorm and rotary, run here in Triton's interpreter) loads the local
+    model's state dict as it is and gives its logits and every parameter's gradient."""
+    from megatron_vr1.kernels import rope as rope_kernel
+    from megatron_vr1.models.common.norm import FusedRMSNorm
+    from megatron_vr1.models.common.rope import FusedRotarySelfAttention
+
+    args, _, model = untied
+    monkeypatch.setattr(FusedRMSNorm, "kernel_backend", "triton")
+    monkeypatch.setattr(FusedRotarySelfAttention, "kernel_backend", "triton")
+    launches = []
+    launch = rope_kernel._launch
+    monkeypatch.setattr(rope_kernel, "_launch", lambda *a, **k: launches.append(k["backward"]) or launch(*a, **k))
+    fused = build_model(args, ParallelLayout(make_vocab_size_divisible_by=16), backend="fused")
+    # two per LM layer and ViT block, and the final norm
+    assert sum(isinstance(m, FusedRMSNorm) for m in fused.modules()) == 2 * (args.num_layers + args.vision.depth) + 1
+    fused.load_state_dict(model.state_dict())
+    batch = make_case("one_image")
+    model.train()
+    try:
+        grads = []
+        for m in (model, fused):
+            m.zero_grad()
+            out = m(**batch)
+            out.float().pow(2).mean().backward()
+            grads.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    finally:
+        model.eval()
+        model.zero_grad()
+    (want, want_grads), (got, got_grads) = grads
+    # query and key of every LM layer and ViT block went through the kernel, both ways
+    layers = args.num_layers + args.vision.depth
+    assert launches.count(False) == launches.count(True) == 2 * layers, launches
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want_grads.keys() == got_grads.keys()
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)

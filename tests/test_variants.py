@@ -153,3 +153,26 @@ def test_gspo_without_its_own_clip_range_takes_the_published_one_and_says_so():
     assert (loss.sequence_clip_low, loss.sequence_clip_high) == (3e-4, 4e-4)
     assert "GSPO's published sequence_clip_low=0.0003, sequence_clip_high=0.0004" in gspo_clip_note(rl)
     assert gspo_clip_note(OmegaConf.load("conf/rl/gspo.yaml")) is None
+
+
+def test_the_variant_learning_bench_runs_the_demos_steps_with_each_variants_overrides(tmp_path):
+    """tools/bench_variants.py (whether each variant learns: too slow for the suite) plans the
+    demo's own steps: the variant's overrides reach its GRPO run and its shuffled-reward control,
+    after the demo's RL settings, from the shared cold start."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_variants.py"
+    spec = importlib.util.spec_from_file_location("bench_variants", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, overrides in bench.VARIANTS.items():
+        steps = bench.steps_for(tmp_path / name, 3, overrides)
+        for run in ("rl", "control"):
+            argv = steps[run].argv
+            assert argv[:2] == ["-m", "megatron_vr1.rl"] and "seed=3" in argv, argv
+            end = next(i for i, a in enumerate(argv) if a.startswith("checkpoint.dir="))
+            assert argv[end - len(overrides):end] == overrides, argv  # last of the RL settings: they win
+            assert f"init_from={tmp_path / name / 'sft' / 'iter_0000060'}" in argv
+        assert "rl.reward.shuffle=true" in steps["control"].argv
+        assert "steps: 28" in " ".join(steps["rl"].argv)  # the demo test's shortened stages

@@ -95,6 +95,12 @@ def bench_step(opts) -> None:
     for phase in PHASES:
         t = statistics.median(s.get(f"time_{phase}", 0.0) for s in steps)
         print(f"| {phase} | {t:.3f} | {100 * t / total:.0f}% |")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(dict(
+            model=opts.model, trainer_overrides=cmd[3:], time_step=total, rollout_tokens_per_s=gen,
+            phases={p: statistics.median(s.get(f"time_{p}", 0.0) for s in steps) for p in PHASES},
+            memory_peak_gb=max((s["memory_peak_gb"] for s in steps if "memory_peak_gb" in s), default=None)),
+            indent=1))
 
 
 def main() -> int:
@@ -109,6 +115,7 @@ def main() -> int:
     step.add_argument("--group", type=int, default=8)
     step.add_argument("--max-response-tokens", type=int, default=64)
     step.add_argument("--model", default="toy")
+    step.add_argument("--json", default=None, help="also write the medians and the peak memory here")
     step.add_argument("overrides", nargs="*", help="more Hydra overrides for the trainer")
     opts = parser.parse_args()
     (bench_reward if opts.what == "reward" else bench_step)(opts)

@@ -18,6 +18,7 @@ slot utilisation: generated tokens / (slots x decoding steps), 1.0 when no slot 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", nargs="+", default=["continuous", "static", "hf"],
                         help="continuous, static, hf, no-cache")
+    parser.add_argument("--json", default=None, help="also write the rows here")
     opts = parser.parse_args()
 
     from megatron_vr1 import platform
@@ -76,6 +78,7 @@ def main() -> None:
           + f", {opts.slots} slots")
     print("| engine | tokens/s | seconds | slot utilisation | mean / max response |")
     print("| --- | --- | --- | --- | --- |")
+    rows = []
     for name in opts.engines:
         if name == "no-cache":
             blocked = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
@@ -107,6 +110,12 @@ def main() -> None:
         tokens = sum(lengths) if isinstance(lengths, list) else lengths
         shape = f"{tokens / len(prompts):.0f} / {max(lengths)}" if isinstance(lengths, list) else "-"
         print(f"| {name} | {tokens / best:.0f} | {best:.3f} | {usage(lengths) or '-'} | {shape} |", flush=True)
+        rows.append(dict(engine=name, tokens_per_s=tokens / best, seconds=best,
+                         slot_utilisation=float(usage(lengths)) if usage(lengths) else None))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(dict(model=opts.model, device=str(device), prompts=opts.prompts,
+                                                   slots=opts.slots, max_new_tokens=opts.max_new_tokens,
+                                                   rows=rows), indent=1))
     platform.shutdown_distributed()
 
 

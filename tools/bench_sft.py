@@ -59,6 +59,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile-step", type=int, default=None,
                         help="profile this step and print where its device time goes")
+    parser.add_argument("--json", default=None, help="also write the medians (and the profile's summary) here")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for the trainer")
     opts = parser.parse_args()
 
@@ -98,7 +99,22 @@ def main() -> int:
           f"{med('time_optimizer'):.3f} | {med('tokens_per_s'):.0f} | {mfu} |")
     if profile is not None:
         print_profile(profile, opts.profile_step)
+    if opts.json:
+        write_json(opts, steps, profile, trainer[2:])
     return 0
+
+
+def write_json(opts, steps: list[dict], profile: list[dict] | None, overrides: list[str]) -> None:
+    from megatron_vr1.training.profile import host_syncs, time_categories
+
+    med = lambda key: statistics.median(s[key] for s in steps) if all(key in s for s in steps) else None  # noqa: E731
+    out = dict(model=opts.model, trainer_overrides=overrides, micro_batch_tokens=opts.micro_batch_tokens,
+               global_batch=opts.global_batch, steps=len(steps), tokens_per_step=med("tokens"),
+               time_step=med("time_step"), tokens_per_s=med("tokens_per_s"), mfu=med("mfu"),
+               memory_peak_gb=max((s["memory_peak_gb"] for s in steps if "memory_peak_gb" in s), default=None),
+               profile_seconds=time_categories(profile) if profile is not None else None,
+               host_syncs=host_syncs(profile) if profile is not None else None)
+    Path(opts.json).write_text(json.dumps(out, indent=1))
 
 
 def print_profile(entries: list[dict], step: int) -> None:

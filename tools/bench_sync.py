@@ -13,6 +13,7 @@ random; after each sync one tensor per bucket is checked against a fresh export.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -29,6 +30,7 @@ def main() -> int:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the result here")
     opts = parser.parse_args()
 
     from megatron_vr1 import platform
@@ -80,6 +82,9 @@ def main() -> int:
         device = torch.cuda.get_device_name() if platform.has_cuda() else "CPU"
         print(f"{opts.model} ({gb:.1f} GB of weights), TP={opts.tp} PP={opts.pp}, {opts.bucket_mb} MiB buckets, "
               f"{device}: sync {t:.3f} s median of {opts.repeats} ({gb / t:.1f} GB/s); {checked} buckets checked")
+        if opts.json:
+            Path(opts.json).write_text(json.dumps(dict(model=opts.model, device=device, tp=opts.tp, pp=opts.pp,
+                                                       weights_gb=gb, seconds=t, buckets_checked=checked), indent=1))
     platform.shutdown_distributed()
     return 0
 

@@ -14,6 +14,7 @@ achieved bandwidth as a fraction of the device's, counting the bytes a fused fwd
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from typing import Callable
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--configs", type=parse_launch_config, nargs="+", default=None, metavar="BLOCKxWARPS",
                         help="launch configs of our kernel to compare (default: the shipped one)")
     parser.add_argument("--peak-bw", type=float, default=None, help="device memory bandwidth in bytes/s")
+    parser.add_argument("--json", default=None, help="also write the rows here (tools/gpu_bench.sh reads them)")
     opts = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,6 +149,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     configs = opts.configs or [(fused_grpo_loss.BLOCK_V, fused_grpo_loss.NUM_WARPS)]
     impls = implementations(not opts.no_compile, configs)
+    rows = []
     for t in opts.tokens:
         inputs = make_inputs(t, opts.vocab, device)
         moved = 3 * t * opts.vocab * inputs[0].element_size()  # read logits twice, write the gradient once
@@ -156,14 +159,20 @@ def main() -> None:
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # torch.compile's autotuner raises others
                 oom = "out of memory" in str(e).lower()
                 print(f"| {t} | {label} | {'OOM' if oom else 'error: ' + str(e).splitlines()[0][:80]} | | | |")
+                rows.append(dict(tokens=t, implementation=label, error="OOM" if oom else str(e).splitlines()[0]))
                 torch.cuda.empty_cache()
                 continue
             gbs = moved / (ms / 1e3) / 1e9
             frac = f"{moved / (ms / 1e3) / peak_bw:.0%}" if peak_bw else "n/a"
             print(f"| {t} | {label} | {ms:.2f} | {peak:.2f} | {gbs:.0f} | {frac} |")
+            rows.append(dict(tokens=t, implementation=label, ms=ms, peak_extra_gib=peak, gb_per_s=gbs,
+                             bandwidth_fraction=moved / (ms / 1e3) / peak_bw if peak_bw else None))
         del inputs
         if device == "cuda":
             torch.cuda.empty_cache()
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(dict(device=name, vocab=opts.vocab, peak_bw=peak_bw, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

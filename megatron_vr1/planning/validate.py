@@ -17,7 +17,7 @@ from ..models.qwen2_5_vl import ParallelLayout
 
 DTYPES = ("auto", "bf16", "fp32")
 RECOMPUTE = ("none", "selective", "full")
-BACKENDS = ("auto", "local", "te")
+BACKENDS = ("auto", "local", "fused", "te")
 
 
 def job_world_size(cfg: DictConfig, layout: ParallelLayout) -> int:

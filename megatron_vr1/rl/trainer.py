@@ -361,4 +361,6 @@ def _step_metrics(batch: Rollouts, adv: torch.Tensor, keep, seqs, results, stage
     out.update({f"time_{k}": v for k, v in times.items()})
     if "rollout" in times and times["rollout"] > 0:
         out["rollout_tokens_per_s"] = length / times["rollout"]
+    if platform.memory_peak_gb() is not None:  # this rank's, since the start: the planner's peak
+        out["memory_peak_gb"] = platform.memory_peak_gb()
     return out

@@ -4,7 +4,8 @@
 ``<checkpoint.dir>/profile/step_N.json``: one entry per operator or kernel with its self time on
 the device and on the host, and its call count, longest device time first. ``time_categories``
 folds such a list into GEMMs, attention, the loss, the optimizer, communication, element-wise
-kernels (norms, rotary, activations, copies: what fusion would remove) and the rest.
+kernels (norms, rotary, activations, copies: what fusion would remove) and the rest;
+``host_syncs`` counts the times the step waited for the device.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def time_categories(entries: list[dict]) -> dict[str, float]:
         if e["kernel"] and e["device_us"] > 0:
             out[categorise(e["name"])] = out.get(categorise(e["name"]), 0.0) + e["device_us"] / 1e6
     return out
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def host_syncs(entries: list[dict]) -> int:
+    """Times the step made the host wait for the device: device-to-host copies (``.item()``,
+    ``.tolist()``, ``.cpu()``, a tensor's value deciding a branch) and explicit synchronisations."""
+    return sum(e["calls"] for e in entries
+               if (e["kernel"] and "Memcpy DtoH" in e["name"]) or (not e["kernel"] and e["name"] in SYNC_CALLS))
 
 
 class StepProfiler:

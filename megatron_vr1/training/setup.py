@@ -22,7 +22,7 @@ from ..data import ImageConfig, ImageError, RecordError, SampleError, load_token
 from ..data.images import CLIP_MEAN, CLIP_STD
 from ..errors import UsageError
 from ..models.qwen2_5_vl import ConfigError, ImageTokenError, ParallelLayout, Qwen25VLArgs, build_model
-from ..models.qwen2_5_vl.specs import resolve_backend
+from ..models.qwen2_5_vl.specs import LOCAL_FAMILY, resolve_backend
 from .checkpoint import TrainingCheckpoints, collect_hf_assets, resolve_checkpoint
 
 # errors that mean "change the command or the data": one line, exit 2 (tracebacks are for bugs)
@@ -131,9 +131,9 @@ def check_context_parallel(size: int, backend: str) -> None:
     Transformer Engine's ring attention is not wired in yet: refuse it with the change to make."""
     if size < 1:
         raise UsageError(f"model.parallel.context_parallel must be >= 1, got {size}")
-    if size > 1 and backend != "local":
+    if size > 1 and backend not in LOCAL_FAMILY:
         raise UsageError(f"model.parallel.context_parallel={size} runs with the local layer spec; the {backend!r} "
-                         f"backend's context-parallel attention is not wired in: set backend=local")
+                         f"backend's context-parallel attention is not wired in: set backend=local (or fused)")
 
 
 def recompute_config(kind: str, layers: int = 1) -> dict[str, Any]:

@@ -1,9 +1,13 @@
-"""RMSNorm with Hugging Face's numerics, usable inside Megatron-Core specs."""
+"""RMSNorm with Hugging Face's numerics, usable inside Megatron-Core specs: the plain torch one
+(the ``local`` spec) and the Triton-fused one (the ``fused`` spec)."""
 
 from __future__ import annotations
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ...kernels import reference
+from ...kernels.functional import rms_norm
 
 
 class RMSNorm(torch.nn.Module):
@@ -20,7 +24,15 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return reference.rms_norm(x, self.weight, self.eps)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The same norm, parameters and checkpoint keys, through ``kernels.rms_norm``: one Triton
+    launch forward and one backward on a GPU (``kernel_backend`` "auto"), the torch reference on
+    CPU tensors; tests set ``kernel_backend = "triton"`` to run the kernels in the interpreter."""
+
+    kernel_backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, backend=self.kernel_backend)

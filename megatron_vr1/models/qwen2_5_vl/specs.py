@@ -1,4 +1,6 @@
-"""Layer specs of Qwen2.5-VL: one builder, two backends (local torch vs Transformer Engine).
+"""Layer specs of Qwen2.5-VL: one builder, three backends: ``local`` (megatron-core's local
+layers, torch norms), ``fused`` (the same with our Triton RMSNorm and rotary: one launch per
+direction where the torch ops make six to a dozen) and ``te`` (Transformer Engine).
 
 The backend is a spec choice, never a branch in model code: the LM decoder layers and the ViT
 blocks are the same ``TransformerLayer`` built from different submodules.
@@ -19,14 +21,18 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from ..common.attention import TorchSDPAttention
-from ..common.norm import RMSNorm
+from ..common.norm import FusedRMSNorm, RMSNorm
+from ..common.rope import FusedRotarySelfAttention
 from ... import platform
 
-BACKENDS = ("local", "te")
+BACKENDS = ("local", "fused", "te")
+LOCAL_FAMILY = ("local", "fused")  # megatron-core's local layers and attention, whatever the norm
 # The LM layers are built with a causal mask type. Our SDPA core attention reads the padding
 # mask it is given as well; under TE a causal-type layer ignores it, so a left-padded batch
 # would attend to its padding. TE takes packed (THD) batches only.
-_PADDING_MASK = {"local": True, "te": False}
+_PADDING_MASK = {"local": True, "fused": True, "te": False}
+_NORM = {"local": RMSNorm, "fused": FusedRMSNorm}
+_ATTENTION = {"local": SelfAttention, "fused": FusedRotarySelfAttention, "te": SelfAttention}
 
 
 def supports_padding_mask(backend: str) -> bool:
@@ -74,7 +80,7 @@ def layer_spec(backend: str, *, causal: bool) -> ModuleSpec:
             k_layernorm=IdentityOp,
         )
         mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-        input_norm = pre_mlp_norm = RMSNorm
+        input_norm = pre_mlp_norm = _NORM[resolve_backend(backend)]
         # Checkpoints use TE's names, so one dist-checkpoint loads under either backend.
         keys_map = {
             "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -84,7 +90,8 @@ def layer_spec(backend: str, *, causal: bool) -> ModuleSpec:
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=input_norm,
-            self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask}, submodules=attention),
+            self_attention=ModuleSpec(module=_ATTENTION[resolve_backend(backend)], params={"attn_mask_type": mask},
+                                      submodules=attention),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_mlp_norm,
             mlp=ModuleSpec(module=MLP, submodules=mlp),
@@ -100,7 +107,7 @@ def decoder_block_spec(backend: str, config: TransformerConfig) -> ModuleSpec:
     if resolve_backend(backend) == "te":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        final_norm = RMSNorm
+        final_norm = _NORM[resolve_backend(backend)]
     layers = [layer_spec(backend, causal=True)] * get_num_layers_to_build(config)
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm))
