@@ -55,12 +55,6 @@ def run(steps: dict, names: list[str], cwd: Path) -> None:
         run_step(steps[name], cwd)
 
 
-def accuracy(out: Path, run_name: str, mode: str) -> float:
-    summary = json.loads((out / "heldout" / run_name / mode / "summary.json").read_text())
-    (bench,) = summary["benchmarks"].values()
-    return bench["overall"]["accuracy"] / 100.0
-
-
 def variant_run(base: Path, out: Path, seed: int, name: str) -> dict:
     """One variant from the cold start in ``base``: its held-out gains and what it missed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -69,10 +63,13 @@ def variant_run(base: Path, out: Path, seed: int, name: str) -> dict:
             (out / shared).symlink_to(base / shared)
     run(steps_for(out, seed, VARIANTS[name]),
         ["rl", "control", "heldout_rl_sampled", "heldout_rl_greedy", "heldout_control_sampled"], out)
-    sft = {mode: accuracy(base, "sft", mode) for mode in ("sampled", "greedy")}
-    got = {"sampled": accuracy(out, "rl", "sampled") - sft["sampled"],
-           "greedy": accuracy(out, "rl", "greedy") - sft["greedy"],
-           "control": accuracy(out, "control", "sampled") - sft["sampled"]}
+    from megatron_vr1.demo.pipeline import Layout, accuracy
+
+    cold, here = Layout(base), Layout(out)
+    sft = {mode: accuracy(cold, "sft", mode) for mode in ("sampled", "greedy")}
+    got = {"sampled": accuracy(here, "rl", "sampled") - sft["sampled"],
+           "greedy": accuracy(here, "rl", "greedy") - sft["greedy"],
+           "control": accuracy(here, "control", "sampled") - sft["sampled"]}
     missed = [f"RL {mode} >= cold start + 0.15" for mode in ("sampled", "greedy") if got[mode] < 0.15]
     if got["control"] > 0.05:
         missed.append("control sampled <= cold start + 0.05")

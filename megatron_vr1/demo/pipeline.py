@@ -132,16 +132,17 @@ def plan(cfg: DictConfig, where: Layout) -> list[Step]:
     return steps
 
 
+def accuracy(where: Layout, run: str, mode: str) -> float:
+    """One run's accuracy in [0, 1] on the held-out set in one decoding mode, from its
+    evaluation's summary (mean over every sample of every record)."""
+    summary = json.loads((where.heldout(run, mode) / "summary.json").read_text())
+    (bench,) = summary["benchmarks"].values()
+    return bench["overall"]["accuracy"] / 100.0
+
+
 def heldout_accuracy(where: Layout) -> dict[str, dict[str, float]]:
-    """Accuracy in [0, 1] on the held-out set, per run and decoding mode, from the evaluations'
-    summaries (mean over every sample of every record)."""
-    out: dict[str, dict[str, float]] = {}
-    for run in RUNS:
-        for mode in MODES:
-            summary = json.loads((where.heldout(run, mode) / "summary.json").read_text())
-            (bench,) = summary["benchmarks"].values()
-            out.setdefault(run, {})[mode] = bench["overall"]["accuracy"] / 100.0
-    return out
+    """Accuracy per run and decoding mode (:func:`accuracy`)."""
+    return {run: {mode: accuracy(where, run, mode) for mode in MODES} for run in RUNS}
 
 
 def write_summary(where: Layout, wall_s: float) -> dict[str, Any]:
