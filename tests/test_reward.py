@@ -2,7 +2,10 @@
 (anagrams, hedges, near misses), pathological input, and a pool that is warm before its first
 deadline."""
 
+import os
 import random
+import signal
+import threading
 import subprocess
 import sys
 import time
@@ -234,6 +237,39 @@ def test_a_fresh_pool_on_a_loaded_cpu_scores_every_right_answer_in_its_first_cal
         for hog in hogs:
             hog.kill()
             hog.wait()
+
+
+def test_the_deadline_counts_the_workers_cpu_time_not_the_wall_clock():
+    """A worker that gets no CPU for twice the deadline (stopped, as on a node busy with other
+    work) still pays its right answer: the limit is CPU seconds. A stall past the wall-clock
+    backstop frees the worker, scores 0, and the pool carries on."""
+    right, gold = fmt("5"), "5"
+    with RewardPool(workers=1, timeout=0.5, grace=0.1, wall_limit=4.0) as one:
+        pid = one._workers[0][0].pid
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(1.5, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        start = time.monotonic()
+        infos = one.score([right], [gold])
+        elapsed = time.monotonic() - start
+        resume.join()
+        assert elapsed >= 1.4, elapsed  # it waited for the stopped worker, past the 0.6 s in wall time
+        assert [i.reward for i in infos] == [1.0] and one.timeouts == 0
+        assert one._workers[0][0].pid == pid
+
+        os.kill(pid, signal.SIGSTOP)  # now it never comes back: the backstop frees the pool
+        start = time.monotonic()
+        infos = one.score([right], [gold])
+        elapsed = time.monotonic() - start
+        assert 4.0 <= elapsed < 8.0, elapsed
+        assert infos[0].reward == 0.0 and infos[0].timed_out and one.timeouts == 1
+        assert one._workers[0][0].pid != pid
+        assert [i.reward for i in one.score([right], [gold])] == [1.0]  # the replacement scores
+
+
+def test_a_wall_limit_below_the_deadline_is_refused():
+    with pytest.raises(ValueError, match="wall_limit 0.5 is below timeout \\+ grace"):
+        RewardPool(workers=1, timeout=1.0, wall_limit=0.5)
 
 
 def test_a_step_with_many_timeouts_warns():

@@ -21,6 +21,9 @@ Model text is parsed, never evaluated as code.
 Every score has a hard time limit. Scoring runs in worker processes (math-verify's own timeouts
 use SIGALRM, which only works in a main thread, and a huge integer power cannot be interrupted
 from inside at all): a worker past its deadline is killed and replaced, and the response scores 0.
+The limit is in the worker's CPU seconds, not wall seconds: a right answer is paid on a busy node
+as on an idle one (a reward that depends on the machine's load is noise the policy learns from).
+A wall-clock backstop (``wall_limit``) still frees a worker that stalls without using its CPU.
 The verifiers are imported and warmed up in the pool's own process before any worker forks, and
 a worker takes no response before it says it is ready: no deadline counts a cold start.
 """
@@ -284,7 +287,7 @@ def _worker(conn, soft_timeout: float, require_final_answer: bool) -> None:
     def expire(signum, frame):
         raise TimeoutError
 
-    signal.signal(signal.SIGALRM, expire)
+    signal.signal(signal.SIGPROF, expire)
     conn.send(READY)
     while True:
         try:
@@ -294,28 +297,47 @@ def _worker(conn, soft_timeout: float, require_final_answer: bool) -> None:
         if task is None:
             return
         index, response, answer = task
-        signal.setitimer(signal.ITIMER_REAL, soft_timeout)
+        signal.setitimer(signal.ITIMER_PROF, soft_timeout)  # this process's CPU time, not the wall's
         try:
             info = score(response, answer, require_final_answer)
         except TimeoutError:
             info = RewardInfo(0.0, answer_of(response, require_final_answer) is not None, False, timed_out=True)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_PROF, 0)
         conn.send((index, info))
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> Optional[float]:
+    """User plus system CPU seconds a process has used (Linux's /proc), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class RewardPool:
-    """Worker processes that score responses, each response bounded by ``timeout`` seconds (a
-    response whose worker misses the deadline by ``grace`` is killed, the worker replaced, the
-    score 0 and counted in ``timeouts``). Workers fork from a process that has imported and run
-    the verifiers, and each is ready before it gets a response: its start-up never counts against
-    a deadline. ``require_final_answer``: see :func:`answer_of`."""
+    """Worker processes that score responses, each response bounded by ``timeout`` CPU seconds of
+    its worker (a response whose worker has used ``timeout + grace`` is killed, the worker
+    replaced, the score 0 and counted in ``timeouts``; where a process's CPU time cannot be read,
+    wall seconds stand in). ``wall_limit`` (default ``10 * timeout``) is the backstop in wall
+    seconds, for a worker that stalls without using CPU. Workers fork from a process that has
+    imported and run the verifiers, and each is ready before it gets a response: its start-up
+    never counts against a deadline. ``require_final_answer``: see :func:`answer_of`."""
 
     def __init__(self, workers: int = 2, timeout: float = DEFAULT_TIMEOUT, grace: float = 0.2, *,
-                 require_final_answer: bool = True, start_timeout: float = 300.0) -> None:
+                 require_final_answer: bool = True, start_timeout: float = 300.0,
+                 wall_limit: Optional[float] = None) -> None:
         if workers < 1 or timeout <= 0:
             raise ValueError(f"need workers >= 1 and timeout > 0, got {workers}, {timeout}")
         self.timeout, self.grace, self.require_final_answer = timeout, grace, require_final_answer
+        self.wall_limit = 10 * timeout if wall_limit is None else wall_limit
+        if self.wall_limit < timeout + grace:
+            raise ValueError(f"wall_limit {self.wall_limit} is below timeout + grace ({timeout + grace})")
         self.start_timeout = start_timeout
         self._ctx = mp.get_context("fork")  # no re-import of the caller's main module; inherits the warm-up
         warm_up()
@@ -358,13 +380,13 @@ class RewardPool:
     def _score(self, responses: list[str], answers: list[str]) -> list[RewardInfo]:
         results: list[Optional[RewardInfo]] = [None] * len(responses)
         todo = list(range(len(responses)))[::-1]
-        busy: dict[int, tuple[int, float]] = {}  # worker -> (task, deadline)
+        busy: dict[int, tuple[int, float, Optional[float]]] = {}  # worker -> (task, start, its CPU then)
         while todo or busy:
             for k in range(len(self._workers)):
                 if k not in busy and todo:
                     i = todo.pop()
+                    busy[k] = (i, time.monotonic(), _cpu_seconds(self._workers[k][0].pid))
                     self._workers[k][1].send((i, responses[i], answers[i]))
-                    busy[k] = (i, time.monotonic() + self.timeout + self.grace)
             conns = {self._workers[k][1]: k for k in busy}
             ready = mp.connection.wait(list(conns), timeout=0.05)
             for conn in ready:
@@ -380,12 +402,23 @@ class RewardPool:
                 results[i] = info
                 del busy[k]
             now = time.monotonic()
-            for k, (i, deadline) in list(busy.items()):
-                if now > deadline:
+            for k, (i, start, cpu_start) in list(busy.items()):
+                if self._past_deadline(k, now - start, cpu_start):
                     results[i] = self._timed_out(responses[i])
                     self._replace(k)
                     del busy[k]
         return results  # type: ignore[return-value]
+
+    def _past_deadline(self, k: int, wall: float, cpu_start: Optional[float]) -> bool:
+        limit = self.timeout + self.grace
+        if wall <= limit:  # CPU time never runs ahead of the wall's on one thread
+            return False
+        if wall > self.wall_limit:
+            return True
+        cpu_now = _cpu_seconds(self._workers[k][0].pid)
+        if cpu_start is None or cpu_now is None:
+            return True
+        return cpu_now - cpu_start > limit
 
     def close(self) -> None:
         for proc, conn in self._workers:

@@ -47,14 +47,19 @@ def time_categories(entries: list[dict]) -> dict[str, float]:
     return out
 
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
 def host_syncs(entries: list[dict]) -> int:
     """Times the step made the host wait for the device: device-to-host copies (``.item()``,
-    ``.tolist()``, ``.cpu()``, a tensor's value deciding a branch) and explicit synchronisations."""
-    return sum(e["calls"] for e in entries
-               if (e["kernel"] and "Memcpy DtoH" in e["name"]) or (not e["kernel"] and e["name"] in SYNC_CALLS))
+    ``.tolist()``, ``.cpu()``, a tensor's value deciding a branch) and explicit synchronisations.
+    A blocking copy is a ``cudaMemcpyAsync`` followed by a ``cudaStreamSynchronize``: the pair is
+    one wait, so stream synchronisations count only beyond the copies (an explicit
+    ``stream.synchronize()``), and a non-blocking copy without one still counts."""
+    def calls(kernel: bool, match) -> int:
+        return sum(e["calls"] for e in entries if bool(e["kernel"]) == kernel and match(e["name"]))
+
+    copies = calls(True, lambda name: "Memcpy DtoH" in name)
+    stream_syncs = calls(False, lambda name: name == "cudaStreamSynchronize")
+    other_syncs = calls(False, lambda name: name in ("cudaDeviceSynchronize", "cudaEventSynchronize"))
+    return max(copies, stream_syncs) + other_syncs
 
 
 class StepProfiler:
