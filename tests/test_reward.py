@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from megatron_vr1.rl.reward import (RewardPool, answer_of, extract_answer, hard_format_result_reward, is_equivalent,
-                                    score)
+from megatron_vr1.rl.reward import (RewardPool, _cpu_seconds, answer_of, extract_answer, hard_format_result_reward,
+                                    is_equivalent, score)
 
 
 def fmt(answer: str, think: str = "I work it out.") -> str:
@@ -98,12 +98,15 @@ PATHOLOGICAL = [  # must score 0 quickly, whatever they are
 CASES = [(fmt(a), g, 1.0) for a, g in RIGHT + WORDS_RIGHT + MATH_RIGHT] + \
     [(fmt(a), g, 0.0) for a, g in WRONG + GAMED] + [(r, "5", 0.0) for r in BAD_FORMAT + LOOSE_FINAL] + \
     [(r, "5", 1.0) for r in WHITESPACE_OK] + [(r, "5", 0.0) for r in PATHOLOGICAL]
-LIMIT = 1.5  # seconds per response, the pool's 1 s timeout plus its kill margin and bookkeeping
+# the pool's deadline is 1 CPU second per response (plus a 0.2 s kill margin); in wall seconds a
+# response is bounded by its backstop, 4 s here, however busy the machine is
+WALL_LIMIT = 4.0
+LIMIT = WALL_LIMIT + 0.5  # wall seconds per response: the backstop plus killing and replacing a worker
 
 
 @pytest.fixture(scope="module")
 def pool():
-    with RewardPool(workers=2, timeout=1.0) as p:
+    with RewardPool(workers=2, timeout=1.0, wall_limit=WALL_LIMIT) as p:
         yield p
 
 
@@ -265,6 +268,25 @@ def test_the_deadline_counts_the_workers_cpu_time_not_the_wall_clock():
         assert infos[0].reward == 0.0 and infos[0].timed_out and one.timeouts == 1
         assert one._workers[0][0].pid != pid
         assert [i.reward for i in one.score([right], [gold])] == [1.0]  # the replacement scores
+
+
+def test_a_pathological_answer_costs_at_most_the_deadline_in_cpu_seconds():
+    """Measured in the worker's CPU seconds (so on any load): each pathological answer, cut by
+    the worker's own alarm or by a kill, costs no more than the deadline plus the kill margin
+    and the pool's polling."""
+    with RewardPool(workers=1, timeout=0.5, grace=0.1, wall_limit=10.0) as one:
+        for response in PATHOLOGICAL:
+            pid = one._workers[0][0].pid
+            before, reaped = _cpu_seconds(pid), os.times()
+            info = one.score([response.replace("{marker}", "/nonexistent")], ["5"])[0]
+            if one._workers[0][0].pid == pid:  # still alive: its own CPU clock
+                used = _cpu_seconds(pid) - before
+            else:  # killed and reaped: its whole life's CPU time moved to our children's
+                after = os.times()
+                used = after.children_user + after.children_system - reaped.children_user - reaped.children_system
+                used -= before
+            assert info.reward == 0.0
+            assert used < 0.5 + 0.1 + 0.2, (response[:60], used)
 
 
 def test_a_wall_limit_below_the_deadline_is_refused():
