@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-# the default demo but for 36 RL steps instead of 60 (the training reward is near 0.6 by then) and
+# the default demo but for 36 RL steps instead of 90 (the training reward is near 0.6 by then) and
 # half the held-out samples; the SFT and RL settings are the demo's own
 SHORT = ["data.n_heldout=32", "heldout.samples=4",
          "rl.stages=[{max_response_tokens: 32, group_size: 8, steps: 28}, {max_response_tokens: 48, group_size: 4, steps: 8}]",
